@@ -1,0 +1,80 @@
+"""Grouping requests into list-mode e-mails. Pure bookkeeping: the caller owns the clock
+and decides what to do with a batch once it is closed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from worker.prepare import BatchKey
+from worker.protocol.mail import ListLine, MailBuilder
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class Batch(Generic[T]):
+    """One e-mail in the making and what it carries."""
+
+    key: BatchKey
+    builder: MailBuilder
+    opened_at: float
+    items: list[T] = field(default_factory=list)
+
+    @property
+    def mail_id(self) -> str:
+        return self.builder.mail_id
+
+
+class Batcher(Generic[T]):
+    """Open batches by key. A batch closes when the next line would pass the byte limit,
+    when it reaches `max_lines`, or when its oldest item has waited `max_wait` seconds."""
+
+    def __init__(
+        self,
+        new_builder: Callable[[BatchKey], MailBuilder],
+        *,
+        max_lines: int,
+        max_wait: float,
+    ) -> None:
+        self._new_builder = new_builder
+        self._max_lines = max_lines
+        self._max_wait = max_wait
+        self._open: dict[BatchKey, Batch[T]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(b.items) for b in self._open.values())
+
+    def add(self, key: BatchKey, line: ListLine, item: T, now: float) -> list[Batch[T]]:
+        """Put one item in its batch; return the batches this closed (zero, one or two)."""
+        closed: list[Batch[T]] = []
+        batch = self._open.get(key)
+        if batch is not None and not batch.builder.try_add(line):
+            closed.append(self._open.pop(key))
+            batch = None
+        if batch is None:
+            batch = Batch(key, self._new_builder(key), now)
+            # A line too large for an empty e-mail raises InvalidRequest here, and the
+            # batch is not kept open: the caller rejects just that request.
+            batch.builder.try_add(line)
+            self._open[key] = batch
+        batch.items.append(item)
+        if len(batch.items) >= self._max_lines:
+            closed.append(self._open.pop(key))
+        return closed
+
+    def due(self, now: float) -> list[Batch[T]]:
+        """Close and return the batches whose oldest item has waited long enough."""
+        ready = [k for k, b in self._open.items() if now - b.opened_at >= self._max_wait]
+        return [self._open.pop(k) for k in ready]
+
+    def next_deadline(self) -> float | None:
+        if not self._open:
+            return None
+        return min(b.opened_at for b in self._open.values()) + self._max_wait
+
+    def drain(self) -> list[Batch[T]]:
+        batches = list(self._open.values())
+        self._open.clear()
+        return batches

@@ -1,0 +1,85 @@
+"""From a validated send request to what the gateway needs: recipients on the wire, the
+list line, the first-line options it can share an e-mail under, and its SMS cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from worker.contract import SendRequest
+from worker.errors import InvalidRequest
+from worker.protocol.fields import Format, SendTime, Translit, check_text
+from worker.protocol.mail import ListLine, MailOptions, pick_charset
+from worker.protocol.recipients import Recipient, parse_recipients
+from worker.protocol.segments import count_segments
+from worker.settings import GatewaySettings
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKey:
+    """Requests with equal keys may share one e-mail. `group` keeps requests apart that
+    must travel alone (the halves of an e-mail being split to find a bad line)."""
+
+    options: MailOptions
+    charset: str
+    group: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    request: SendRequest
+    recipients: tuple[Recipient, ...]
+    line: ListLine
+    key: BatchKey
+    sms_parts: int
+
+    @property
+    def sms_count(self) -> int:
+        return self.sms_parts * len(self.recipients)
+
+
+def _send_time(request: SendRequest) -> SendTime:
+    if request.send_at is not None:
+        return SendTime.at(request.send_at)
+    if request.window is not None:
+        return SendTime.window(request.window.start_hour, request.window.end_hour, request.tz)
+    return SendTime()
+
+
+def check_not_expired(request: SendRequest, now: datetime) -> None:
+    if request.expires_at is not None and request.expires_at <= now:
+        raise InvalidRequest(
+            f"expired at {request.expires_at.isoformat()} before it could be sent", code="expired"
+        )
+
+
+def prepare(
+    request: SendRequest,
+    gateway: GatewaySettings,
+    default_channel: Format,
+    now: datetime,
+    group: str = "",
+) -> PreparedRequest:
+    """Everything about a request that can be known without I/O, or InvalidRequest."""
+    check_not_expired(request, now)
+    fmt = Format[request.channel] if request.channel else default_channel
+    recipients = parse_recipients(request.to, fmt, gateway.default_region)
+    text = check_text(request.text)
+    options = MailOptions(
+        send_time=_send_time(request),
+        translit=Translit[request.translit] if request.translit else None,
+        format=fmt,
+        sender=request.sender if request.sender is not None else gateway.default_sender,
+        subject=request.subject,
+        voice=request.voice,
+    )
+    charset = pick_charset(
+        gateway.charset, [text, options.sender, options.subject or "", options.voice or ""]
+    )
+    return PreparedRequest(
+        request=request,
+        recipients=recipients,
+        line=ListLine(tuple(r.wire for r in recipients), text),
+        key=BatchKey(options, charset, group),
+        sms_parts=count_segments(text).parts,
+    )

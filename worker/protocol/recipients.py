@@ -1,0 +1,105 @@
+"""Recipients as the gateway reads them: phone numbers, groups, e-mail addresses, #ids.
+
+A number given with `+` is validated as it is and never corrected (the gateway's own
+rule: `+` turns its auto-correction off). A number without `+` is read the way the
+gateway would read it, with a default region, and written back without `+`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+import phonenumbers
+
+from worker.errors import InvalidRequest
+from worker.protocol.fields import Format
+
+_GROUP = re.compile(r"G(\d{1,10})")
+_MESSENGER_ID = re.compile(r"#([A-Za-z0-9_.@-]{1,64})")
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
+_PHONE_PUNCTUATION = re.compile(r"[\s()\-.]")
+_MESSENGER_FORMATS = frozenset({Format.viber, Format.whatsapp, Format.soc})
+
+
+class RecipientKind(StrEnum):
+    phone = "phone"
+    group = "group"
+    email = "email"
+    messenger = "messenger"
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """One recipient: `wire` is how it is written in the e-mail, `key` who it really is."""
+
+    kind: RecipientKind
+    wire: str
+    key: str
+
+
+def parse_recipient(raw: str, fmt: Format = Format.sms, default_region: str = "RU") -> Recipient:
+    """Validate one recipient for a message format, or say why it cannot be one."""
+    value = raw.strip()
+    if not value:
+        raise InvalidRequest("empty recipient", code="invalid_recipient")
+    if fmt == Format.email:
+        if _EMAIL.fullmatch(value) and len(value) <= 254:
+            return Recipient(RecipientKind.email, value, value.lower())
+        raise InvalidRequest(
+            f"{raw!r} is not an e-mail address (the email format sends to addresses only)",
+            code="invalid_recipient",
+        )
+    if _GROUP.fullmatch(value):
+        return Recipient(RecipientKind.group, value, value)
+    messenger = _MESSENGER_ID.fullmatch(value)
+    if messenger:
+        if fmt not in _MESSENGER_FORMATS:
+            raise InvalidRequest(
+                f"{raw!r}: #id recipients need a messenger channel (viber, whatsapp, soc)",
+                code="invalid_recipient",
+            )
+        return Recipient(RecipientKind.messenger, value, value)
+    return _parse_phone(raw, value, default_region)
+
+
+def _parse_phone(raw: str, value: str, default_region: str) -> Recipient:
+    compact = _PHONE_PUNCTUATION.sub("", value)
+    explicit = compact.startswith("+")
+    digits = compact[1:] if explicit else compact
+    if not digits.isdecimal() or not digits.isascii():
+        raise InvalidRequest(
+            f"{raw!r} is not a phone number, group (G<n>), e-mail address or #id",
+            code="invalid_recipient",
+        )
+    try:
+        number = phonenumbers.parse(compact, None if explicit else default_region)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidRequest(f"{raw!r} is not a phone number: {exc}", code="invalid_phone") from exc
+    if not phonenumbers.is_valid_number(number):
+        hint = " (numbers with + are not corrected)" if explicit else ""
+        raise InvalidRequest(f"{raw!r} is not a valid phone number{hint}", code="invalid_phone")
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    if explicit and e164 != compact:
+        # phonenumbers quietly drops a national prefix after the country code
+        # ("+7 8 999..." becomes +7 999...): that is a correction, and `+` forbids it.
+        raise InvalidRequest(
+            f"{raw!r} is not a valid phone number as written (numbers with + are not "
+            f"corrected; did you mean {e164}?)",
+            code="invalid_phone",
+        )
+    return Recipient(RecipientKind.phone, e164 if explicit else e164[1:], e164)
+
+
+def parse_recipients(
+    raws: list[str] | tuple[str, ...], fmt: Format = Format.sms, default_region: str = "RU"
+) -> tuple[Recipient, ...]:
+    """Each recipient validated; the same person named twice is kept once."""
+    seen: dict[str, Recipient] = {}
+    for raw in raws:
+        recipient = parse_recipient(raw, fmt, default_region)
+        seen.setdefault(recipient.key, recipient)
+    if not seen:
+        raise InvalidRequest("at least one recipient is required", code="invalid_recipient")
+    return tuple(seen.values())

@@ -1,0 +1,48 @@
+"""Running the service as a process: signals, and the optional in-process emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import AsyncExitStack
+
+from worker.emulator.config import EmulatorConfig
+from worker.emulator.server import Emulator
+from worker.service import Service
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def emulator_for(settings: Settings, reply_port: int) -> EmulatorConfig:
+    """A gateway that knows this worker's account and replies to its receiver."""
+    gateway = settings.gateway
+    password = gateway.password.get_secret_value()
+    return EmulatorConfig(
+        gateway_address=gateway.address,
+        accounts={gateway.login: password} if gateway.login else {},
+        api_keys=frozenset() if gateway.login else frozenset({password}),
+        reply_relay=("127.0.0.1", reply_port),
+    )
+
+
+def pointed_at(settings: Settings, host: str, port: int) -> Settings:
+    smtp = settings.smtp.model_copy(update={"host": host, "port": port, "security": "none"})
+    return settings.model_copy(update={"smtp": smtp})
+
+
+async def run(settings: Settings, *, with_emulator: bool = False) -> None:
+    async with AsyncExitStack() as stack:
+        if with_emulator:
+            emulator = await stack.enter_async_context(
+                Emulator(emulator_for(settings, settings.reply.port))
+            )
+            log.info("gateway emulator listening on %s:%d", emulator.host, emulator.port)
+            settings = pointed_at(settings, emulator.host, emulator.port)
+        service = await stack.enter_async_context(Service(settings))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop)
+        await service.wait()
+        log.info("signal received: draining")

@@ -1,0 +1,180 @@
+"""All configuration in one place: environment variables `SMSC_<GROUP>__<NAME>`, a `.env`
+file, and a secrets directory (one file per secret, named like the variable) for
+Kubernetes Secrets. Secrets are `SecretStr`: masked in `repr`, logs and `config` output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NestedSecretsSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from worker.protocol.fields import Format, check_login, check_password, check_sender
+from worker.protocol.mail import Envelope
+
+ENV_PREFIX = "SMSC_"
+SECRETS_DIR_VARIABLE = "SMSC_SECRETS_DIR"
+DEFAULT_SECRETS_DIR = "/run/secrets/smsc-worker"
+
+
+class _Group(BaseModel):
+    model_config = {"frozen": True, "extra": "forbid"}
+
+
+class AmqpSettings(_Group):
+    url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    requests_queue: str = "sms.requests"
+    results_exchange: str = "sms.results"
+    dead_letter_exchange: str = "sms.dead-letter"
+    dead_letter_queue: str = "sms.requests.dead-letter"
+    retry_queue: str = "sms.requests.retry"
+    delivery_limit: int = Field(10, ge=1, description="redeliveries before dead-lettering")
+    prefetch: int = Field(2000, ge=1, description="unacked requests the worker may hold")
+    publish_timeout_s: float = Field(10.0, gt=0, description="deadline for a publish confirm")
+
+
+class GatewaySettings(_Group):
+    address: str = "send@send.smscentre.com"
+    login: str = ""
+    password: SecretStr = Field(
+        SecretStr("demo"), description="account password; with an empty login, the API key"
+    )
+    charset: str = "koi8-r"
+    text_tags: bool = Field(False, description="wrap the body in [text]...[/text]")
+    default_region: str = Field("RU", description="region for numbers given without +")
+    default_sender: str = ""
+
+    @field_validator("login")
+    @classmethod
+    def _login(cls, value: str) -> str:
+        return check_login(value)
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, value: SecretStr) -> SecretStr:
+        check_password(value.get_secret_value())
+        return value
+
+    @field_validator("default_sender")
+    @classmethod
+    def _sender(cls, value: str) -> str:
+        return check_sender(value)
+
+    @field_validator("charset")
+    @classmethod
+    def _charset(cls, value: str) -> str:
+        "".encode(value)
+        return value
+
+
+class SmtpSettings(_Group):
+    host: str = "send.smscentre.com"
+    port: int = Field(25, ge=1, le=65535)
+    security: Literal["none", "starttls", "tls"] = "none"
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    timeout_s: float = Field(30.0, gt=0, description="per socket operation")
+    submit_deadline_s: float = Field(60.0, gt=0, description="overall deadline for one e-mail")
+    connections: int = Field(2, ge=1, le=32, description="parallel SMTP connections")
+
+
+class ReplySettings(_Group):
+    host: str = "0.0.0.0"
+    port: int = Field(2525, ge=0, le=65535)
+    address: str = Field(
+        "smsc-replies@localhost",
+        description="From of every e-mail; replies come back to local+<mail id>@domain",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        Envelope(mail_from=value)
+        return value
+
+
+class BatchSettings(_Group):
+    max_lines: int = Field(500, ge=1, description="lines per e-mail at most")
+    max_wait_ms: int = Field(50, ge=0, description="oldest request's wait before a flush")
+    max_bytes: int = Field(102_400, ge=1024, le=102_400)
+
+
+class LimitSettings(_Group):
+    dedup_ttl_s: float = Field(6 * 3600, ge=0, description="how long a request_id is remembered")
+    identical_per_window: int = Field(2, ge=1)
+    identical_window_s: float = Field(60.0, gt=0)
+    identical_policy: Literal["wait", "reject"] = "wait"
+    subscriber_streak: int = Field(50, ge=1)
+    subscriber_gap_s: float = Field(120.0, gt=0)
+    mails_per_second: float = Field(10.0, gt=0)
+    parts_per_second: float = Field(500.0, gt=0)
+
+
+class RetrySettings(_Group):
+    max_attempts: int = Field(8, ge=1)
+    base_delay_s: float = Field(1.0, gt=0)
+    max_delay_s: float = Field(300.0, gt=0)
+    max_age_s: float = Field(3600.0, gt=0)
+    circuit_base_s: float = Field(30.0, gt=0)
+    circuit_max_s: float = Field(600.0, gt=0)
+    funds_pause_s: float = Field(300.0, gt=0)
+
+
+class ObservabilitySettings(_Group):
+    health_port: int = Field(8080, ge=0, le=65535)
+    metrics_port: int = Field(9100, ge=0, le=65535)
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    drain_timeout_s: float = Field(30.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        secrets_dir_missing="ok",
+        secrets_nested_delimiter="__",
+    )
+
+    amqp: AmqpSettings = AmqpSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    smtp: SmtpSettings = SmtpSettings()
+    reply: ReplySettings = ReplySettings()
+    batch: BatchSettings = BatchSettings()
+    limits: LimitSettings = LimitSettings()
+    retry: RetrySettings = RetrySettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
+    default_channel: Format = Format.sms
+
+    @model_validator(mode="after")
+    def _delays(self) -> Settings:
+        if self.retry.base_delay_s > self.retry.max_delay_s:
+            raise ValueError("retry.base_delay_s must not exceed retry.max_delay_s")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        secrets_dir = Path(os.environ.get(SECRETS_DIR_VARIABLE, DEFAULT_SECRETS_DIR))
+        secrets = NestedSecretsSettingsSource(file_secret_settings, secrets_dir=secrets_dir)
+        return init_settings, env_settings, dotenv_settings, secrets
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration with every secret replaced by `**********`."""
+        return self.model_dump(mode="json")

@@ -1,0 +1,104 @@
+"""State the worker keeps between a request's arrival and the gateway's reply.
+
+One small interface, `StateStore`, so that a shared implementation (surviving restarts,
+serving several replicas) can replace the in-memory one without touching the pipeline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from worker.broker import RequestCopy
+from worker.contract import MetadataValue
+
+
+class Claim(StrEnum):
+    new = "new"
+    duplicate = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class CarriedRequest:
+    """What a reply needs to know about one request of a submitted e-mail."""
+
+    request_id: str
+    recipients: tuple[str, ...]
+    sms_parts: int
+    attempt: int
+    metadata: dict[str, MetadataValue]
+    copy: RequestCopy
+
+
+@dataclass(frozen=True, slots=True)
+class MailRecord:
+    mail_id: str
+    requests: tuple[CarriedRequest, ...]
+    submitted_at: float
+
+
+class StateStore(Protocol):
+    async def claim(self, request_id: str) -> Claim:
+        """Mark a request as being sent, unless it was sent (or is being sent) already."""
+
+    async def release(self, request_id: str) -> None:
+        """The request was not sent after all: a later copy may be sent."""
+
+    async def mark_sent(self, request_id: str) -> None:
+        """The request's e-mail went out: copies within the dedup window are duplicates."""
+
+    async def remember_mail(self, record: MailRecord) -> None: ...
+
+    async def take_mail(self, mail_id: str) -> MailRecord | None:
+        """The record of a submitted e-mail, once: a second reply for it finds nothing."""
+
+    async def unanswered(self, older_than: float) -> list[MailRecord]:
+        """Records of e-mails submitted before `older_than` that never got a reply."""
+
+
+class MemoryStateStore:
+    """Per-process state: lost on restart, not shared between replicas."""
+
+    def __init__(self, dedup_ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = dedup_ttl_s
+        self._clock = clock
+        self._in_flight: set[str] = set()
+        self._sent: dict[str, float] = {}
+        self._mails: dict[str, MailRecord] = {}
+
+    def _expire(self) -> None:
+        horizon = self._clock() - self._ttl
+        # Insertion order is time order, so expired entries are at the front.
+        while self._sent:
+            oldest = next(iter(self._sent))
+            if self._sent[oldest] > horizon:
+                break
+            del self._sent[oldest]
+
+    async def claim(self, request_id: str) -> Claim:
+        self._expire()
+        if request_id in self._sent or request_id in self._in_flight:
+            return Claim.duplicate
+        self._in_flight.add(request_id)
+        return Claim.new
+
+    async def release(self, request_id: str) -> None:
+        self._in_flight.discard(request_id)
+        self._sent.pop(request_id, None)
+
+    async def mark_sent(self, request_id: str) -> None:
+        self._in_flight.discard(request_id)
+        self._sent.pop(request_id, None)
+        self._sent[request_id] = self._clock()
+
+    async def remember_mail(self, record: MailRecord) -> None:
+        self._mails[record.mail_id] = record
+
+    async def take_mail(self, mail_id: str) -> MailRecord | None:
+        return self._mails.pop(mail_id, None)
+
+    async def unanswered(self, older_than: float) -> list[MailRecord]:
+        return [r for r in self._mails.values() if r.submitted_at < older_than]
