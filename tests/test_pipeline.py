@@ -9,13 +9,18 @@ from datetime import UTC, datetime, timedelta
 from tests.conftest import collecting, gateway_and_worker, phone
 from worker.broker import ERROR_CODE_HEADER
 from worker.contract import Status
-from worker.settings import AmqpSettings
+from worker.settings import AmqpSettings, BatchSettings
 
 
 async def test_a_thousand_requests_go_out_in_few_emails_each_exactly_once(
     amqp: AmqpSettings,
 ) -> None:
-    async with collecting(amqp) as (broker, results), gateway_and_worker(amqp) as (emulator, _):
+    # A wait long enough that batches fill up to the line limit even on a loaded machine.
+    batching = BatchSettings(max_wait_ms=500, max_lines=500)
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, batch=batching) as (emulator, _),
+    ):
         await asyncio.gather(
             *(
                 broker.publish({"request_id": f"r{n}", "to": phone(n), "text": f"code {n}"})

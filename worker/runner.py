@@ -1,4 +1,5 @@
-"""Running the service as a process: signals, and the optional in-process emulator."""
+"""Running the service as a process: signals, tracing from the OTEL_* variables, the health
+and metrics servers, and the optional in-process emulator."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from contextlib import AsyncExitStack
 
 from worker.emulator.config import EmulatorConfig
 from worker.emulator.server import Emulator
+from worker.health import Endpoints
 from worker.service import Service
 from worker.settings import Settings
+from worker.telemetry import tracer_provider_from_env
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +36,26 @@ def pointed_at(settings: Settings, host: str, port: int) -> Settings:
 
 
 async def run(settings: Settings, *, with_emulator: bool = False) -> None:
+    tracer_provider = tracer_provider_from_env()
     async with AsyncExitStack() as stack:
+        if tracer_provider is not None:
+            # Last out: the spans of the drain's own submissions are exported too.
+            stack.push_async_callback(asyncio.to_thread, tracer_provider.shutdown)
         if with_emulator:
             emulator = await stack.enter_async_context(
                 Emulator(emulator_for(settings, settings.reply.port))
             )
             log.info("gateway emulator listening on %s:%d", emulator.host, emulator.port)
             settings = pointed_at(settings, emulator.host, emulator.port)
-        service = await stack.enter_async_context(Service(settings))
+        service = Service(settings, tracer_provider=tracer_provider)
+        # Up before the service starts and down after it has drained: the probes and the
+        # last scrape see its whole life.
+        await stack.enter_async_context(
+            Endpoints(
+                settings.observability, lambda: service.ready, service.telemetry.metrics.registry
+            )
+        )
+        await stack.enter_async_context(service)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, service.stop)

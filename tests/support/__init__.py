@@ -1,0 +1,1 @@
+"""Helpers shared by test modules: SMTP sinks, a gateway emulator wired to one, a clock."""

@@ -1,0 +1,571 @@
+"""The Helm chart, linted and rendered offline in-process by helm-python-sdk (Helm's own Go
+code, no helm binary, no cluster), each manifest validated against the Kubernetes OpenAPI
+schemas that kubernetes-validate ships, in strict mode (unknown fields are errors)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version  # type: ignore[import-untyped]
+
+from worker.settings import Settings
+
+PROJECT = Path(__file__).resolve().parents[1]
+CHART = PROJECT / "helm" / "smsc-worker"
+RELEASE, NAMESPACE = "prod", "sms"
+FULLNAME = "prod-smsc-worker"
+CHART_YAML = yaml.safe_load((CHART / "Chart.yaml").read_text())
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+# The oldest Kubernetes the chart claims (Chart.yaml's kubeVersion) and the newest that
+# kubernetes-validate knows.
+OLDEST_KUBE = CHART_YAML["kubeVersion"].removeprefix(">=").removesuffix("-0").strip()
+KUBE_VERSIONS = (OLDEST_KUBE, latest_version())
+SECRET_FILES = {"SMSC_AMQP__URL", "SMSC_GATEWAY__PASSWORD", "SMSC_SMTP__PASSWORD"}
+
+CREDENTIALS = """
+secrets:
+  amqpUrl: amqp://worker:s3cret@rabbitmq.sms.svc:5672/sms
+  gatewayPassword: gateway-pass
+"""
+# The value sets every render test runs with, written as a user's values files.
+VALUE_SETS = {
+    "defaults": CREDENTIALS,
+    "keda": CREDENTIALS
+    + """
+autoscaling:
+  keda:
+    enabled: true
+    queueName: sms.priority
+""",
+    "hpa": CREDENTIALS
+    + """
+autoscaling:
+  hpa:
+    enabled: true
+    maxReplicas: 4
+""",
+    "existing-secret": """
+secrets:
+  existingSecret: smsc-credentials
+autoscaling:
+  keda:
+    enabled: true
+""",
+    "service-monitor": CREDENTIALS
+    + """
+serviceMonitor:
+  enabled: true
+  labels:
+    release: prometheus
+""",
+    # Every other optional branch of the templates at once.
+    "options": """
+secrets:
+  amqpUrl: amqps://worker:s3cret@rabbitmq.example.net:5671/sms
+  gatewayPassword: api-key
+  smtpPassword: smtp-pass
+image:
+  repository: registry.example.net/smsc-worker
+  digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
+imagePullSecrets:
+  - name: registry
+serviceAccount:
+  create: false
+  name: smsc
+podAnnotations:
+  example.net/team: messaging
+podLabels:
+  tier: backend
+settings:
+  gateway:
+    login: acme
+    text_tags: true
+  smtp:
+    username: acme
+    security: starttls
+    port: 587
+  amqp:
+    prefetch: 1000000
+  default_channel: 1
+  observability:
+    health_port: 8081
+    metrics_port: 9200
+    drain_timeout_s: 90.5
+preStopSleepSeconds: 0
+replyService:
+  type: LoadBalancer
+  loadBalancerSourceRanges: [203.0.113.0/24]
+  externalTrafficPolicy: Local
+podDisruptionBudget:
+  minAvailable: 50%
+  maxUnavailable: null
+nodeSelector:
+  kubernetes.io/os: linux
+tolerations:
+  - key: dedicated
+    operator: Equal
+    value: sms
+    effect: NoSchedule
+affinity:
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels:
+              app.kubernetes.io/name: smsc-worker
+topologySpreadConstraints:
+  - maxSkew: 1
+    topologyKey: topology.kubernetes.io/zone
+    whenUnsatisfiable: ScheduleAnyway
+priorityClassName: high
+""",
+}
+# Custom resources: kubernetes-validate has no schemas for them, so check_custom_resource
+# checks them against their CRDs' top-level spec fields and their references.
+SCALED_OBJECT_SPEC = {
+    "scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod",
+    "idleReplicaCount", "minReplicaCount", "maxReplicaCount", "fallback", "advanced", "triggers",
+}  # fmt: skip
+TRIGGER_AUTHENTICATION_SPEC = {
+    "secretTargetRef", "env", "configMapTargetRef", "hashiCorpVault", "podIdentity",
+    "azureKeyVault", "gcpSecretManager", "awsSecretManager", "boundServiceAccountToken",
+}  # fmt: skip
+SERVICE_MONITOR_SPEC = {
+    "endpoints", "selector", "namespaceSelector", "jobLabel", "targetLabels", "podTargetLabels",
+    "sampleLimit", "targetLimit", "labelLimit", "labelNameLengthLimit",
+    "labelValueLengthLimit", "keepDroppedTargets", "attachMetadata", "scrapeProtocols",
+}  # fmt: skip
+
+
+def values_file(text: str) -> dict[str, Any]:
+    """A values file as `helm -f` reads it."""
+    return helm.values_from_yaml(text)
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: helm.Chart, text: str) -> list[dict[str, Any]]:
+    manifests = chart.render(values_file(text), name=RELEASE, namespace=NAMESPACE)
+    return [
+        doc
+        for path, manifest in sorted(manifests.items())
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(manifest)
+        if doc
+    ]
+
+
+def notes(chart: helm.Chart, text: str) -> str:
+    manifests = chart.render(values_file(text), name=RELEASE, namespace=NAMESPACE)
+    return manifests["smsc-worker/templates/NOTES.txt"]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str = FULLNAME) -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+def kinds(docs: list[dict[str, Any]]) -> set[str]:
+    return {d["kind"] for d in docs}
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    main: dict[str, Any]
+    (main,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return main
+
+
+def check_custom_resource(doc: dict[str, Any], docs: list[dict[str, Any]]) -> None:
+    spec = doc["spec"]
+    if doc["kind"] == "ScaledObject":
+        assert doc["apiVersion"] == "keda.sh/v1alpha1"
+        assert set(spec) <= SCALED_OBJECT_SPEC
+        assert spec["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": one(docs, "Deployment")["metadata"]["name"],
+        }
+        (trigger,) = spec["triggers"]
+        assert trigger["type"] == "rabbitmq"
+        assert trigger["metadata"]["mode"] == "QueueLength"
+        assert all(isinstance(v, str) for v in trigger["metadata"].values())
+        one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    elif doc["kind"] == "TriggerAuthentication":
+        assert doc["apiVersion"] == "keda.sh/v1alpha1"
+        assert set(spec) <= TRIGGER_AUTHENTICATION_SPEC
+        (ref,) = spec["secretTargetRef"]
+        assert ref["parameter"] == "host"
+        assert ref["key"] == "SMSC_AMQP__URL"
+        assert ref["name"] == secret_volume(docs)["secretName"]
+    elif doc["kind"] == "ServiceMonitor":
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(spec) <= SERVICE_MONITOR_SPEC
+        selected = [
+            s
+            for s in docs
+            if s["kind"] == "Service"
+            and spec["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+        ]
+        assert [s["metadata"]["name"] for s in selected] == [f"{FULLNAME}-metrics"]
+        (endpoint,) = spec["endpoints"]
+        assert endpoint["port"] in {p["name"] for p in selected[0]["spec"]["ports"]}
+        assert endpoint["path"] == "/metrics"
+    else:
+        pytest.fail(f"no check for {doc['apiVersion']} {doc['kind']}")
+
+
+def secret_volume(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    volumes = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    volume: dict[str, Any]
+    (volume,) = [v["secret"] for v in volumes if "secret" in v]
+    return volume
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_chart_lints_clean(value_set: str, kube_version: str) -> None:
+    report = helm.lint(
+        CHART, values_file(VALUE_SETS[value_set]), strict=True, kube_version=f"v{kube_version}"
+    )
+    # Severity 1 is informational (e.g. "icon is recommended"); 2 warning, 3 error.
+    assert not [m for m in report["messages"] if m["severity"] >= 2], report
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_manifests_match_kubernetes_schemas(
+    chart: helm.Chart, value_set: str, kube_version: str
+) -> None:
+    docs = render(chart, VALUE_SETS[value_set])
+    for doc in docs:
+        if doc["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/")):
+            check_custom_resource(doc, docs)
+        else:
+            kubernetes_validate.validate(doc, kube_version, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("value_set", "expected"),
+    [
+        ("defaults", set()),
+        ("keda", {"ScaledObject", "TriggerAuthentication"}),
+        ("hpa", {"HorizontalPodAutoscaler"}),
+        ("existing-secret", {"ScaledObject", "TriggerAuthentication"}),
+        ("service-monitor", {"ServiceMonitor"}),
+    ],
+)
+def test_optional_resources_follow_their_switches(
+    chart: helm.Chart, value_set: str, expected: set[str]
+) -> None:
+    optional = {"ScaledObject", "TriggerAuthentication", "HorizontalPodAutoscaler"}
+    optional |= {"ServiceMonitor"}
+    docs = render(chart, VALUE_SETS[value_set])
+    assert kinds(docs) & optional == expected
+    assert {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget"} <= kinds(docs)
+
+
+@pytest.mark.parametrize(
+    "typo",
+    [
+        "replicaCont: 3",
+        "settings:\n  gateway:\n    logn: acme",
+        "autoscaling:\n  keda:\n    queuename: sms.requests",
+        "secrets:\n  amqpURL: amqp://x",
+        # Secret settings have no place in the ConfigMap's settings.
+        "settings:\n  gateway:\n    password: hunter2",
+        "settings:\n  amqp:\n    url: amqp://x",
+    ],
+)
+def test_unknown_values_are_rejected(chart: helm.Chart, typo: str) -> None:
+    # The schema is checked before any template runs, so no other values are needed.
+    with pytest.raises(helm.HelmValuesError, match="additional properties"):
+        render(chart, typo)
+
+
+@pytest.mark.parametrize(
+    "mistyped",
+    [
+        'replicaCount: "3"',
+        "settings:\n  smtp:\n    port: '25'",
+        "settings:\n  smtp:\n    security: ssl",
+        "settings:\n  observability:\n    drain_timeout_s: 0",
+        "autoscaling:\n  hpa:\n    enabled: 'yes'",
+        "serviceMonitor:\n  interval: 30",
+        "podDisruptionBudget:\n  maxUnavailable: one",
+        "replyService:\n  type: Ingress",
+        # Scaling to zero would leave no receiver for the gateway's replies.
+        "autoscaling:\n  keda:\n    minReplicaCount: 0",
+    ],
+)
+def test_mistyped_values_are_rejected(chart: helm.Chart, mistyped: str) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        render(chart, mistyped)
+
+
+def test_hpa_and_keda_together_are_rejected(chart: helm.Chart) -> None:
+    both = "autoscaling:\n  hpa:\n    enabled: true\n  keda:\n    enabled: true\n"
+    with pytest.raises(helm.HelmRenderError, match="enable at most one"):
+        render(chart, CREDENTIALS + both)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ("secrets:\n  gatewayPassword: x", "secrets.amqpUrl is required"),
+        ("secrets:\n  amqpUrl: amqp://x", "secrets.gatewayPassword is required"),
+        (CREDENTIALS + "podDisruptionBudget:\n  minAvailable: 1", "not both"),
+        (CREDENTIALS + "preStopSleepSeconds: 15", "shorter than terminationGraceExtraSeconds"),
+    ],
+)
+def test_inconsistent_values_fail_the_render(chart: helm.Chart, values: str, message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render(chart, values)
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_pod_is_hardened(chart: helm.Chart, value_set: str) -> None:
+    docs = render(chart, VALUE_SETS[value_set])
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    main = container(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert main["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    tmp = next(m for m in main["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert {"name": tmp["name"], "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
+    assert pod["automountServiceAccountToken"] is False
+    assert main["resources"]["requests"]
+    assert main["resources"]["limits"]["memory"]
+
+
+@pytest.mark.parametrize("value_set", ["defaults", "options"])
+def test_probes_and_ports_follow_the_settings(chart: helm.Chart, value_set: str) -> None:
+    docs = render(chart, VALUE_SETS[value_set])
+    main = container(docs)
+    env = one(docs, "ConfigMap")["data"]
+    ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    assert ports == {
+        "smtp": int(env["SMSC_REPLY__PORT"]),
+        "health": int(env["SMSC_OBSERVABILITY__HEALTH_PORT"]),
+        "metrics": int(env["SMSC_OBSERVABILITY__METRICS_PORT"]),
+    }
+    for probe, path in [("startupProbe", "/livez"), ("livenessProbe", "/livez")]:
+        assert main[probe]["httpGet"] == {"path": path, "port": "health"}
+    assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    reply = one(docs, "Service", f"{FULLNAME}-reply")["spec"]["ports"]
+    metrics = one(docs, "Service", f"{FULLNAME}-metrics")["spec"]["ports"]
+    assert [(p["port"], p["targetPort"]) for p in reply] == [(2525, "smtp")]
+    assert [(p["port"], p["targetPort"]) for p in metrics] == [(9100, "metrics")]
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_secrets_reach_the_pod_only_as_files(chart: helm.Chart, value_set: str) -> None:
+    docs = render(chart, VALUE_SETS[value_set])
+    main = container(docs)
+    assert all("secretRef" not in source for source in main["envFrom"])
+    assert all("valueFrom" not in variable for variable in main["env"])
+    assert not SECRET_FILES & set(one(docs, "ConfigMap")["data"])
+    secrets_dir = next(v["value"] for v in main["env"] if v["name"] == "SMSC_SECRETS_DIR")
+    volume = secret_volume(docs)
+    (mount,) = [m for m in main["volumeMounts"] if m["mountPath"] == secrets_dir]
+    assert mount["readOnly"] is True
+    volumes = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": mount["name"], "secret": volume} in volumes
+    created = [d for d in docs if d["kind"] == "Secret"]
+    if value_set == "existing-secret":
+        assert not created
+        assert volume["secretName"] == "smsc-credentials"
+    else:
+        assert volume["secretName"] == one(docs, "Secret")["metadata"]["name"]
+        assert set(one(docs, "Secret")["data"]) <= SECRET_FILES
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_grace_period_outlasts_the_drain(chart: helm.Chart, value_set: str) -> None:
+    docs = render(chart, VALUE_SETS[value_set])
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    drain = float(one(docs, "ConfigMap")["data"]["SMSC_OBSERVABILITY__DRAIN_TIMEOUT_S"])
+    pre_stop = container(docs).get("lifecycle", {}).get("preStop", {}).get("exec", {})
+    waited = int(pre_stop["command"][1]) if pre_stop else 0
+    # The kubelet's countdown starts before preStop; the worker still needs its whole drain.
+    assert pod["terminationGracePeriodSeconds"] - waited > drain
+    assert pod["terminationGracePeriodSeconds"] == math.ceil(drain) + 15
+
+
+def test_config_changes_roll_the_pods(chart: helm.Chart) -> None:
+    def annotations(values: str) -> dict[str, str]:
+        template = one(render(chart, values), "Deployment")["spec"]["template"]
+        found: dict[str, str] = template["metadata"]["annotations"]
+        return found
+
+    base = annotations(CREDENTIALS)
+    setting = annotations(CREDENTIALS + "settings:\n  gateway:\n    login: other")
+    secret = annotations(CREDENTIALS.replace("gateway-pass", "rotated"))
+    assert setting["checksum/config"] != base["checksum/config"]
+    assert setting["checksum/secret"] == base["checksum/secret"]
+    assert secret["checksum/secret"] != base["checksum/secret"]
+    assert "checksum/secret" not in annotations(VALUE_SETS["existing-secret"])
+
+
+@pytest.mark.parametrize(("value_set", "fixed"), [("defaults", True), ("hpa", False)])
+def test_autoscaler_owns_the_replica_count(chart: helm.Chart, value_set: str, fixed: bool) -> None:
+    docs = render(chart, VALUE_SETS[value_set])
+    assert ("replicas" in one(docs, "Deployment")["spec"]) is fixed
+
+
+def test_keda_scales_on_the_requests_queue(chart: helm.Chart) -> None:
+    default = render(chart, VALUE_SETS["existing-secret"])
+    ((trigger,),) = [d["spec"]["triggers"] for d in default if d["kind"] == "ScaledObject"]
+    assert (
+        trigger["metadata"]["queueName"]
+        == one(default, "ConfigMap")["data"]["SMSC_AMQP__REQUESTS_QUEUE"]
+    )
+    overridden = render(chart, VALUE_SETS["keda"])
+    ((trigger,),) = [d["spec"]["triggers"] for d in overridden if d["kind"] == "ScaledObject"]
+    assert trigger["metadata"]["queueName"] == "sms.priority"
+
+
+def test_rendered_configuration_loads_in_the_worker(
+    chart: helm.Chart, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ConfigMap's variables and the Secret's files, as the pod sees them, are valid
+    worker settings and carry the values given to the chart."""
+    docs = render(chart, VALUE_SETS["options"])
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    for key, value in one(docs, "Secret")["data"].items():
+        (secrets_dir / key).write_bytes(base64.b64decode(value))
+    for name in [n for n in os.environ if n.startswith("SMSC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    for name, value in one(docs, "ConfigMap")["data"].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SMSC_SECRETS_DIR", str(secrets_dir))
+
+    settings = Settings()
+    assert settings.amqp.url.get_secret_value().startswith("amqps://worker:s3cret@")
+    assert settings.gateway.password.get_secret_value() == "api-key"
+    assert settings.smtp.password.get_secret_value() == "smtp-pass"
+    assert (settings.gateway.login, settings.gateway.text_tags) == ("acme", True)
+    assert settings.amqp.prefetch == 1_000_000
+    assert settings.observability.drain_timeout_s == 90.5
+    assert int(settings.default_channel) == 1
+
+
+def _settings_fields() -> dict[str, Any]:
+    """Each non-secret setting's JSON schema, as values.schema.json must accept it."""
+    full = Settings.model_json_schema()
+    defs = full["$defs"]
+    kept = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "description")
+
+    def resolve(prop: dict[str, Any]) -> dict[str, Any]:
+        ref = prop.get("$ref")
+        return {**defs[ref.rsplit("/", 1)[1]], **prop} if ref else prop
+
+    def field(prop: dict[str, Any]) -> dict[str, Any]:
+        resolved = resolve(prop)
+        return {k: resolved[k] for k in kept if k in resolved}
+
+    fields: dict[str, Any] = {}
+    for name, prop in full["properties"].items():
+        group = resolve(prop)
+        if group.get("type") == "object":
+            fields[name] = {
+                f: field(p) for f, p in group["properties"].items() if not p.get("writeOnly")
+            }
+        else:
+            fields[name] = field(prop)
+    return fields
+
+
+def test_settings_schema_matches_the_worker() -> None:
+    """values.schema.json's settings are the worker's non-secret settings, with the same
+    types and limits: a setting added to or changed in worker/settings.py must be added to
+    or changed in the chart's schema too."""
+    chart_settings = SCHEMA["properties"]["settings"]["properties"]
+    actual = {
+        name: node.get("properties", node) if node.get("type") == "object" else node
+        for name, node in chart_settings.items()
+    }
+    assert actual == _settings_fields()
+
+
+# Objects whose contents are Kubernetes structures passed through to the API as they are;
+# the manifest validation checks them instead.
+PASS_THROUGH = {
+    "/properties/global",
+    "/properties/affinity/properties/nodeAffinity",
+    "/properties/affinity/properties/podAffinity",
+    "/properties/affinity/properties/podAntiAffinity",
+    "/properties/topologySpreadConstraints/items/properties/labelSelector",
+}
+
+
+def test_schema_closes_every_object() -> None:
+    open_objects: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "additionalProperties" not in node:
+                open_objects.append(path)
+            for key, child in node.items():
+                walk(child, f"{path}/{key}")
+        elif isinstance(node, list):
+            for index, child in enumerate(node):
+                walk(child, f"{path}/{index}")
+
+    walk(SCHEMA, "")
+    assert set(open_objects) == PASS_THROUGH
+    assert SCHEMA["additionalProperties"] is False
+
+
+def test_default_values_satisfy_the_schema(chart: helm.Chart) -> None:
+    chart.validate_schema(chart.values)
+
+
+def test_app_version_is_the_project_version() -> None:
+    project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
+    assert CHART_YAML["apiVersion"] == "v2"
+    assert CHART_YAML["appVersion"] == project["version"]
+
+
+def test_notes_tell_how_to_send_a_test_request(chart: helm.Chart) -> None:
+    text = notes(chart, CREDENTIALS)
+    assert (
+        f"kubectl -n {NAMESPACE} exec deploy/{FULLNAME} -- "
+        "smsc-worker send --to +79991234567 --text hello --wait"
+    ) in text
+
+
+def test_topology_spread_defaults_to_this_releases_pods(chart: helm.Chart) -> None:
+    docs = render(chart, VALUE_SETS["options"])
+    (constraint,) = one(docs, "Deployment")["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    selector = one(docs, "Deployment")["spec"]["selector"]
+    assert constraint["labelSelector"] == selector

@@ -1,0 +1,91 @@
+"""Reply e-mails from the emulated gateway, sent through an SMTP relay in the background.
+
+A reply must never hold up the SMTP session that caused it (the real gateway answers by
+a separate e-mail, later), so each one is a task on the emulator's loop. A relay that is
+down is retried a few times; after that the reply is logged and dropped, as mail is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+
+import aiosmtplib
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAYS_S = (0.1, 0.3, 1.0, 2.0)
+SEND_TIMEOUT_S = 10.0
+
+
+def build_reply(reply_from: str, to: str, body: str, in_reply_to: str | None) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = reply_from
+    message["To"] = to
+    message["Subject"] = "Re: SMS"
+    message["Date"] = formatdate(localtime=True)
+    # make_msgid() would otherwise look up this host's FQDN, a DNS query per reply.
+    message["Message-ID"] = make_msgid(domain=reply_from.rpartition("@")[2])
+    if in_reply_to:
+        message["In-Reply-To"] = in_reply_to
+        message["References"] = in_reply_to
+    message.set_content(body, charset="utf-8")
+    return message
+
+
+class ReplyRelay:
+    def __init__(self, host: str, port: int, reply_from: str) -> None:
+        self._host = host
+        self._port = port
+        self._reply_from = reply_from
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def send(self, to: str, body: str, in_reply_to: str | None) -> None:
+        message = build_reply(self._reply_from, to, body, in_reply_to)
+        task = asyncio.get_running_loop().create_task(self._deliver(message, to))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def pending(self) -> int:
+        return len(self._tasks)
+
+    async def _deliver(self, message: EmailMessage, to: str) -> None:
+        for delay in (*RETRY_DELAYS_S, None):
+            try:
+                await aiosmtplib.send(
+                    message,
+                    hostname=self._host,
+                    port=self._port,
+                    sender=self._reply_from,
+                    recipients=[to],
+                    start_tls=False,
+                    timeout=SEND_TIMEOUT_S,
+                )
+                return
+            except aiosmtplib.SMTPResponseException as exc:
+                if exc.code >= 500 or delay is None:
+                    log.warning("reply to %s dropped: relay said %s %s", to, exc.code, exc.message)
+                    return
+                failure = f"{exc.code} {exc.message}"
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                if delay is None:
+                    log.warning("reply to %s dropped: relay unreachable (%s)", to, exc)
+                    return
+                failure = str(exc)
+            if self._closed:
+                # Python 3.11's wait_for() can swallow a cancellation (gh-86296), which
+                # would otherwise leave this task retrying after close().
+                return
+            log.info("reply to %s not sent (%s); retrying in %g s", to, failure, delay)
+            await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        """Cancel replies still in flight: a stopped gateway sends nothing more."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
