@@ -126,7 +126,9 @@ class Broker:
             routing_key=self.amqp.requests_queue,
         )
 
-    async def dead_letters(self, expected: int, timeout: float = 10) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    async def dead_letters(
+        self, expected: int, timeout: float = 10
+    ) -> list[aio_pika.abc.AbstractIncomingMessage]:
         queue = await self.channel.get_queue(self.amqp.dead_letter_queue)
         found: list[aio_pika.abc.AbstractIncomingMessage] = []
         async with asyncio.timeout(timeout):

@@ -56,9 +56,7 @@ async def test_requests_with_different_options_never_share_an_email(amqp: AmqpSe
         for request in requests:
             await broker.publish(request)
         ids = [r["request_id"] for r in requests]
-        await results.wait_until(
-            lambda: all(Status.accepted in results.statuses(i) for i in ids)
-        )
+        await results.wait_until(lambda: all(Status.accepted in results.statuses(i) for i in ids))
     mail_of = {i: results.of(i)[-1].gateway_id for i in ids}
     assert mail_of["alpha-1"] == mail_of["alpha-2"]
     others = [mail_of[i] for i in ("alpha-1", "beta-1", "flash-1", "later-1", "plain-1")]
@@ -72,9 +70,21 @@ async def test_each_kind_of_bad_input_is_rejected_and_dead_lettered(amqp: AmqpSe
         ("no-text", {"request_id": "no-text", "to": phone(1)}, "invalid_schema"),
         ("bad-phone", {"request_id": "bad-phone", "to": "+7000", "text": "x"}, "invalid_phone"),
         ("junk-to", {"request_id": "junk-to", "to": "hello", "text": "x"}, "invalid_recipient"),
-        ("too-long", {"request_id": "too-long", "to": phone(2), "text": "x" * 1001}, "text_too_long"),
-        ("expired", {"request_id": "expired", "to": phone(3), "text": "x", "expires_at": past}, "expired"),
-        ("prefix", {"request_id": "prefix", "to": phone(4), "text": "__VIBER__:hi"}, "reserved_prefix"),
+        (
+            "too-long",
+            {"request_id": "too-long", "to": phone(2), "text": "x" * 1001},
+            "text_too_long",
+        ),
+        (
+            "expired",
+            {"request_id": "expired", "to": phone(3), "text": "x", "expires_at": past},
+            "expired",
+        ),
+        (
+            "prefix",
+            {"request_id": "prefix", "to": phone(4), "text": "__VIBER__:hi"},
+            "reserved_prefix",
+        ),
     ]
     async with collecting(amqp) as (broker, results), gateway_and_worker(amqp) as (emulator, _):
         for _, body, _ in bad:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ FIRST_SEEN_HEADER = "x-smsc-first-seen"
 GROUP_HEADER = "x-smsc-group"
 ERROR_CODE_HEADER = "x-smsc-error-code"
 ERROR_HEADER = "x-smsc-error"
-RETRY_TIERS_S = tuple(2**n for n in range(0, 11))  # 1 s .. 1024 s
+RETRY_TIERS_S = tuple(1 << n for n in range(11))  # 1 s .. 1024 s
 
 
 def retry_queue_name(settings: AmqpSettings, tier_s: int) -> str:
@@ -147,7 +147,7 @@ class Acker:
             return
         try:
             await last_to_ack.ack(multiple=True)
-        except Exception as exc:  # noqa: BLE001 - any failure here means a dead channel
+        except Exception as exc:
             log.warning("ack failed (%s); the broker will redeliver", exc)
             self._outstanding.pop(key, None)
             self._settled.pop(key, None)
@@ -162,10 +162,17 @@ class Acker:
 
 
 class Broker:
-    """One robust connection, a consuming channel and a confirming publishing channel."""
+    """One robust connection, a consuming channel and a confirming publishing channel.
+    `published` is told of every result event once the broker has confirmed it."""
 
-    def __init__(self, settings: AmqpSettings) -> None:
+    def __init__(
+        self,
+        settings: AmqpSettings,
+        *,
+        published: Callable[[Sequence[ResultEvent]], None] | None = None,
+    ) -> None:
         self.settings = settings
+        self._published = published
         self.connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._consume_channel: AbstractChannel | None = None
@@ -174,7 +181,10 @@ class Broker:
         self.requests: AbstractQueue | None = None
 
     async def connect(self) -> None:
-        self.connection = await aio_pika.connect_robust(self.settings.url.get_secret_value())
+        self.connection = await aio_pika.connect_robust(
+            self.settings.url.get_secret_value(),
+            client_properties={"connection_name": self.settings.connection_name},
+        )
         self._publish_channel = await self.connection.channel(publisher_confirms=True)
         self._consume_channel = await self.connection.channel(publisher_confirms=True)
         await self._consume_channel.set_qos(prefetch_count=self.settings.prefetch)
@@ -235,8 +245,10 @@ class Broker:
         """Publish every event with a confirm; raise if any is not confirmed in time."""
         assert self.results is not None and self._publish_channel is not None
         publishes = []
+        events = []
         default = self._publish_channel.default_exchange
         for item in outgoing:
+            events.append(item.event)
             body = item.event.model_dump_json().encode()
             message = aio_pika.Message(
                 body,
@@ -251,6 +263,8 @@ class Broker:
             if item.reply_to:
                 publishes.append(default.publish(message, routing_key=item.reply_to))
         await self._confirmed(publishes)
+        if self._published is not None:
+            self._published(events)
 
     async def dead_letter(self, items: Iterable[tuple[RequestCopy, str, str]]) -> None:
         """Copy each request to the dead-letter exchange with the reason in its headers."""

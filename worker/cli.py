@@ -104,7 +104,7 @@ def send_command(
 
 
 async def _send(
-    settings: Settings, request: SendRequest, wait: bool, timeout: float
+    settings: Settings, request: SendRequest, wait: bool, timeout_s: float
 ) -> ResultEvent | None:
     connection = await aio_pika.connect(settings.amqp.url.get_secret_value())
     async with connection:
@@ -125,7 +125,7 @@ async def _send(
         if replies is None:
             return None
         try:
-            async with asyncio.timeout(timeout), replies.iterator() as messages:
+            async with asyncio.timeout(timeout_s), replies.iterator() as messages:
                 async for message in messages:
                     await message.ack()
                     event = ResultEvent.model_validate_json(message.body)

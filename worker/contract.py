@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 MAX_METADATA_KEYS = 16
 MAX_RECIPIENTS = 1000
 

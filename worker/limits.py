@@ -57,6 +57,11 @@ class ContentWindow:
     def record(self, key: Hashable, now: float) -> None:
         self._sent.setdefault(key, deque()).append(now)
 
+    def forget_latest(self, key: Hashable) -> None:
+        times = self._sent.get(key)
+        if times:
+            times.pop()
+
     def prune(self, now: float) -> None:
         stale = [k for k, t in self._sent.items() if not t or t[-1] <= now - self._window]
         for key in stale:
@@ -185,6 +190,11 @@ class Limits:
             self._identical.prune(now)
             self._streaks.prune(now)
         return Admission(0.0)
+
+    def refund(self, content_key: Hashable) -> None:
+        """The gateway took nothing of an admitted request (the e-mail failed as a whole):
+        it does not count as a copy. Streaks are left as they are, which errs on the safe side."""
+        self._identical.forget_latest(content_key)
 
     async def pace(self, parts: int) -> None:
         """Wait for the account's e-mail and SMS-part budget for one e-mail."""

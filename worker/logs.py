@@ -1,19 +1,30 @@
-"""Logging set-up: JSON lines for production, readable text for local runs, and a filter
-that blanks the configured secrets wherever they might appear."""
+"""Logging set-up: JSON lines for production, readable text for local runs, a filter that
+blanks the configured secrets wherever they might appear, and one that stamps each record
+with the trace, request and e-mail it was logged for, so a log line can be found from a
+trace and the other way round."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
+
+from opentelemetry import trace
 
 from worker.settings import Settings
 
 MASK = "**********"
 _CONTEXT_FIELDS = ("request_id", "gateway_id", "trace_id", "span_id")
+_TEXT_FIELDS = ("request_id", "gateway_id", "trace_id")
+
+# Set by worker.telemetry around the handling of one request or one e-mail; a task
+# inherits them, so they must be reset by whoever sets them.
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+gateway_id_var: ContextVar[str | None] = ContextVar("gateway_id", default=None)
 
 
 class RedactSecrets(logging.Filter):
@@ -32,6 +43,39 @@ class RedactSecrets(logging.Filter):
                     record.exc_text = record.exc_text.replace(secret, MASK)
             record.msg, record.args = text, None
         return True
+
+
+class TraceContext(logging.Filter):
+    """Fills `trace_id`, `span_id`, `request_id` and `gateway_id` from the current span and
+    context, unless the call gave them in `extra`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            _default(record, "trace_id", trace.format_trace_id(span.trace_id))
+            _default(record, "span_id", trace.format_span_id(span.span_id))
+        _default(record, "request_id", request_id_var.get())
+        _default(record, "gateway_id", gateway_id_var.get())
+        return True
+
+
+def _default(record: logging.LogRecord, name: str, value: str | None) -> None:
+    if value and not getattr(record, name, None):
+        setattr(record, name, value)
+
+
+class TextFormatter(logging.Formatter):
+    """One readable line, with the request, e-mail and trace it concerns at the end."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        context = " ".join(
+            f"{name}={value}" for name in _TEXT_FIELDS if (value := getattr(record, name, None))
+        )
+        return f"{line} [{context}]" if context else line
 
 
 class JsonFormatter(logging.Formatter):
@@ -72,7 +116,8 @@ def configure_logging(settings: Settings) -> None:
     if settings.observability.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
+    handler.addFilter(TraceContext())
     handler.addFilter(RedactSecrets(secrets_of(settings)))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -3,6 +3,7 @@ list line, the first-line options it can share an e-mail under, and its SMS cost
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -36,6 +37,12 @@ class PreparedRequest:
     @property
     def sms_count(self) -> int:
         return self.sms_parts * len(self.recipients)
+
+    @property
+    def content_key(self) -> str:
+        """Same options, recipients and text: what the gateway calls an identical request."""
+        identity = repr((self.key.options, sorted(r.key for r in self.recipients), self.line.text))
+        return hashlib.sha256(identity.encode()).hexdigest()
 
 
 def _send_time(request: SendRequest) -> SendTime:

@@ -44,7 +44,7 @@ class ReplyHandler:
         self._base = base_address
         self._sink = sink
 
-    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+    async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
         if mail_id_of(address, self._base) is None:
@@ -52,9 +52,7 @@ class ReplyHandler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
-        self, server: Any, session: Any, envelope: Any
-    ) -> str:
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         raw = envelope.original_content or envelope.content
         message = email.message_from_bytes(raw, policy=email.policy.compat32)
         try:

@@ -36,7 +36,7 @@ def pointed_at(settings: Settings, host: str, port: int) -> Settings:
 
 
 async def run(settings: Settings, *, with_emulator: bool = False) -> None:
-    tracer_provider = tracer_provider_from_env()
+    tracer_provider = tracer_provider_from_env(max_links=settings.batch.max_lines)
     async with AsyncExitStack() as stack:
         if tracer_provider is not None:
             # Last out: the spans of the drain's own submissions are exported too.

@@ -99,7 +99,9 @@ def render_all() -> dict[str, str]:
         RESULT_EVENT_FILE: _schema(ResultEvent),
         ASYNCAPI_FILE: asyncapi(AmqpSettings()),
     }
-    return {name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in documents.items()}
+    return {
+        name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in documents.items()
+    }
 
 
 def write_all(directory: Path) -> list[Path]:

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
+from opentelemetry.trace import TracerProvider
 from pydantic import ValidationError
 
 from worker.batcher import Batch, Batcher
@@ -41,12 +42,13 @@ from worker.errors import InvalidRequest
 from worker.limits import Limits
 from worker.prepare import BatchKey, PreparedRequest, check_not_expired, prepare
 from worker.protocol.mail import Account, Envelope, MailBuilder
-from worker.protocol.replies import Accepted, Action, Rejected, Reply
+from worker.protocol.replies import Accepted, Action, Reply
 from worker.reply_receiver import ReplyHandler, reply_address
 from worker.settings import Settings
 from worker.smtp_client import GatewaySmtp, Outcome, SubmitResult
 from worker.smtp_server import serve_smtp
 from worker.state import CarriedRequest, Claim, MailRecord, MemoryStateStore, StateStore
+from worker.telemetry import Telemetry, event_headers
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +75,14 @@ class Pending:
             attempt=self.attempt,
             metadata=dict(self.request.metadata),
             copy=RequestCopy.of(self.message),
+            content_key=self.prepared.content_key,
         )
 
 
 def _int_header(message: AbstractIncomingMessage, name: str, default: int) -> int:
     value = (message.headers or {}).get(name)
     try:
-        return int(value) if value is not None else default  # type: ignore[call-overload]
+        return int(str(value)) if value is not None else default
     except (TypeError, ValueError):
         return default
 
@@ -89,7 +92,7 @@ def _error(code: str, message: str, retryable: bool, gateway: int | None = None)
 
 
 def _outgoing(event: ResultEvent, copy: RequestCopy) -> Outgoing:
-    return Outgoing(event, copy.reply_to, copy.correlation_id)
+    return Outgoing(event, copy.reply_to, copy.correlation_id, event_headers(copy.headers))
 
 
 class Service:
@@ -97,11 +100,19 @@ class Service:
     signal) stops consuming, flushes open batches, waits for in-flight submissions and
     confirms, then closes the connections."""
 
-    def __init__(self, settings: Settings, *, store: StateStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: StateStore | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.settings = settings
-        self.broker = Broker(settings.amqp)
+        self.telemetry = Telemetry(settings, tracer_provider)
+        self.broker = Broker(settings.amqp, published=self.telemetry.published)
         self.store: StateStore = store or MemoryStateStore(settings.limits.dedup_ttl_s)
         self.limits = Limits(settings.limits, settings.retry)
+        self.telemetry.watch(self.limits.circuit)
         self._account = Account(settings.gateway.login, settings.gateway.password)
         self._acker = Acker()
         self._batcher: Batcher[Pending] = Batcher(
@@ -115,6 +126,7 @@ class Service:
         self._tasks: set[asyncio.Task[None]] = set()
         self._submit_slots = asyncio.Semaphore(settings.smtp.connections)
         self._batch_added = asyncio.Event()
+        self._submitting: dict[str, asyncio.Future[None]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.draining = False
@@ -142,7 +154,9 @@ class Service:
         )
         await self.broker.connect()
         self._flusher = asyncio.create_task(self._flush_when_due())
-        self._consumer_tag = await self.broker.consuming_queue().consume(self._on_message)
+        self._consumer_tag = await self.broker.consuming_queue().consume(
+            self.telemetry.consumer(self._on_message)
+        )
         log.info(
             "consuming %s; replies on %s:%d", s.amqp.requests_queue, s.reply.host, self.reply_port
         )
@@ -173,7 +187,7 @@ class Service:
             tag, self._consumer_tag = self._consumer_tag, None
             try:
                 await self.broker.consuming_queue().cancel(tag)
-            except Exception as exc:  # noqa: BLE001 - closing anyway
+            except Exception as exc:
                 log.warning("could not cancel the consumer: %s", exc)
 
     async def drain(self) -> None:
@@ -183,12 +197,14 @@ class Service:
         for batch in self._batcher.drain():
             self._spawn(self._submit(batch))
         timeout = self.settings.observability.drain_timeout_s
+        deadline = time.monotonic() + timeout
         if self._tasks:
             _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
             for task in late:
                 task.cancel()
             if late:
                 log.error("%d submissions still running after %.0f s", len(late), timeout)
+        await self._await_replies(deadline)
         if self._flusher is not None:
             self._flusher.cancel()
         if self._reply_server is not None:
@@ -199,6 +215,16 @@ class Service:
         self._stopped.set()
         log.info("stopped")
 
+    async def _await_replies(self, deadline: float) -> None:
+        """Replies to e-mails already sent can only be matched by this process (its state
+        is its own): keep the receiver open for them while the drain time lasts."""
+        while await self.store.unanswered(time.time()):
+            if time.monotonic() >= deadline:
+                waiting = len(await self.store.unanswered(time.time()))
+                log.warning("stopping with %d e-mails still unanswered", waiting)
+                return
+            await asyncio.sleep(0.05)
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -208,6 +234,11 @@ class Service:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._acker.received(message)
+        if self.draining:
+            # Delivered before the consumer was cancelled: open batches are already flushed,
+            # so hand it back rather than start work that could outlive the connection.
+            await self._requeue([message])
+            return
         attempt = _int_header(message, ATTEMPT_HEADER, 1)
         now = time.time()
         first_seen = _int_header(message, FIRST_SEEN_HEADER, int(now))
@@ -217,6 +248,7 @@ class Service:
         except ValidationError as exc:
             await self._reject_unreadable(message, exc)
             return
+        self.telemetry.request_known(request.request_id)
         try:
             prepared = prepare(
                 request,
@@ -233,13 +265,20 @@ class Service:
                 message, request, "duplicate", "request_id was already sent", dead_letter=False
             )
             return
-        content = (prepared.key.options, tuple(sorted(r.key for r in prepared.recipients)), request.text)
-        admission = self.limits.admit(content, tuple(r.key for r in prepared.recipients))
+        admission = self.limits.admit(
+            prepared.content_key, tuple(r.key for r in prepared.recipients)
+        )
         if admission.wait > 0:
-            if admission.reason == "identical_content" and self.settings.limits.identical_policy == "reject":
+            if (
+                admission.reason == "identical_content"
+                and self.settings.limits.identical_policy == "reject"
+            ):
                 await self.store.release(request.request_id)
                 await self._reject(
-                    message, request, "duplicate", "identical request already sent twice this minute"
+                    message,
+                    request,
+                    "duplicate",
+                    "identical request already sent twice this minute",
                 )
                 return
             await self._defer(message, request, attempt, admission.wait, admission.reason)
@@ -288,7 +327,9 @@ class Service:
 
     # rejections and delays -----------------------------------------------------------
 
-    async def _reject_unreadable(self, message: AbstractIncomingMessage, exc: ValidationError) -> None:
+    async def _reject_unreadable(
+        self, message: AbstractIncomingMessage, exc: ValidationError
+    ) -> None:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
         )[:1000]
@@ -353,7 +394,7 @@ class Service:
         for message in messages:
             try:
                 await message.nack(requeue=True)
-            except Exception as exc:  # noqa: BLE001 - a dead channel redelivers by itself
+            except Exception as exc:
                 log.warning("nack failed (%s); the broker will redeliver", exc)
             await self._acker.settled_otherwise(message)
 
@@ -374,7 +415,9 @@ class Service:
             attempt=attempt,
             source=f"{reason}|{uuid.uuid4().hex}",
             recipients=list(request.to),
-            error=_error(reason, f"held back {wait:.0f} s to stay within the gateway's limits", True),
+            error=_error(
+                reason, f"held back {wait:.0f} s to stay within the gateway's limits", True
+            ),
             retry_at=datetime.fromtimestamp(time.time() + wait, UTC),
             metadata=dict(request.metadata),
         )
@@ -391,6 +434,10 @@ class Service:
     # submit -> publish -----------------------------------------------------------------
 
     async def _submit(self, batch: Batch[Pending]) -> None:
+        with self.telemetry.submission([p.message.headers for p in batch.items], batch.opened_at):
+            await self._send_batch(batch)
+
+    async def _send_batch(self, batch: Batch[Pending]) -> None:
         async with self._submit_slots:
             now = datetime.now(UTC)
             live: list[Pending] = []
@@ -409,24 +456,38 @@ class Service:
             await self.limits.pace(sum(p.prepared.sms_count for p in live))
             assert self._smtp is not None
             mail = batch.builder.build()
+            # The gateway may answer before its SMTP server says 250: a reply for this
+            # e-mail waits until the outcome of the submission is recorded.
+            recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._submitting[batch.mail_id] = recorded
+            try:
+                await self._submit_mail(batch, live, mail)
+            finally:
+                del self._submitting[batch.mail_id]
+                recorded.set_result(None)
+
+    async def _submit_mail(self, batch: Batch[Pending], live: list[Pending], mail: bytes) -> None:
+        assert self._smtp is not None
+        with self.telemetry.smtp(batch.mail_id, len(live), len(mail)) as smtp_call:
             result = await self._smtp.submit(
                 reply_address(self.settings.reply.address, batch.mail_id),
                 self.settings.gateway.address,
                 mail,
             )
-            log.info(
-                "e-mail %s: %s (%d requests, %d bytes)",
-                batch.mail_id,
-                result.outcome.value,
-                len(live),
-                len(mail),
-            )
-            if result.outcome in (Outcome.accepted, Outcome.unknown):
-                await self._submitted(batch, live, result)
-            elif result.outcome == Outcome.transient:
-                await self._retry_later([(p, p.message) for p in live], result.detail)
-            else:
-                await self._fail_deliveries(live, "smtp_rejected", result.detail)
+            smtp_call.finished(result)
+        log.info(
+            "e-mail %s: %s (%d requests, %d bytes)",
+            batch.mail_id,
+            result.outcome.value,
+            len(live),
+            len(mail),
+        )
+        if result.outcome in (Outcome.accepted, Outcome.unknown):
+            await self._submitted(batch, live, result)
+        elif result.outcome == Outcome.transient:
+            await self._retry_later([(p, p.message) for p in live], result.detail)
+        else:
+            await self._fail_deliveries(live, "smtp_rejected", result.detail)
 
     def _rebuild(self, batch: Batch[Pending], live: list[Pending]) -> Batch[Pending]:
         rebuilt: Batch[Pending] = Batch(batch.key, self._new_builder(batch.key), batch.opened_at)
@@ -435,12 +496,19 @@ class Service:
             rebuilt.items.append(pending)
         return rebuilt
 
-    async def _submitted(self, batch: Batch[Pending], live: list[Pending], result: SubmitResult) -> None:
+    async def _submitted(
+        self, batch: Batch[Pending], live: list[Pending], result: SubmitResult
+    ) -> None:
         unknown = result.outcome == Outcome.unknown
         for pending in live:
             await self.store.mark_sent(pending.request.request_id)
         await self.store.remember_mail(
-            MailRecord(batch.mail_id, tuple(p.carried() for p in live), time.time())
+            MailRecord(
+                batch.mail_id,
+                tuple(p.carried() for p in live),
+                time.time(),
+                trace=self.telemetry.carrier(),
+            )
         )
         status = Status.unknown if unknown else Status.submitted
         error = (
@@ -477,6 +545,7 @@ class Service:
             log.exception("e-mail %s sent but its events were not confirmed", batch.mail_id)
             await self._requeue(p.message for p in live)
             return
+        self.telemetry.submitted(p.message.headers for p in live)
         await self._acker.ack(p.message for p in live)
 
     def _backoff(self, attempt: int) -> float:
@@ -494,6 +563,7 @@ class Service:
         give_up: list[Pending] = []
         for pending, message in items:
             await self.store.release(pending.request.request_id)
+            self.limits.refund(pending.prepared.content_key)
             next_attempt = pending.attempt + 1
             age = time.time() - pending.first_seen
             if next_attempt > r.max_attempts or age > r.max_age_s:
@@ -502,7 +572,11 @@ class Service:
             delay = max(self._backoff(pending.attempt), 0.5)
             copy = RequestCopy.of(message)
             delays.append(
-                (copy, delay, {ATTEMPT_HEADER: next_attempt, FIRST_SEEN_HEADER: int(pending.first_seen)})
+                (
+                    copy,
+                    delay,
+                    {ATTEMPT_HEADER: next_attempt, FIRST_SEEN_HEADER: int(pending.first_seen)},
+                )
             )
             events.append(
                 _outgoing(
@@ -564,12 +638,16 @@ class Service:
 
     async def on_reply(self, mail_id: str, reply: Reply) -> None:
         """Turn the gateway's answer to one e-mail into events (and retries)."""
+        submitting = self._submitting.get(mail_id)
+        if submitting is not None:
+            await asyncio.shield(submitting)
         record = await self.store.take_mail(mail_id)
         if record is None:
             log.warning("reply for unknown or already answered e-mail %s: %s", mail_id, reply)
             return
         try:
-            await self._handle_reply(record, reply)
+            with self.telemetry.reply(record, reply):
+                await self._handle_reply(record, reply)
         except Exception:
             await self.store.remember_mail(record)
             raise
@@ -591,7 +669,9 @@ class Service:
         elif action == Action.find_bad_line:
             await self._split(record, code, text, number)
         elif action == Action.retry_after_window:
-            await self._resend(record, self.settings.limits.identical_window_s, Status.retrying, code, text, number)
+            await self._resend(
+                record, self.settings.limits.identical_window_s, Status.retrying, code, text, number
+            )
         elif action == Action.pause_account:
             pause = self.limits.circuit.open(text, self.settings.retry.funds_pause_s)
             await self._resend(record, pause, Status.deferred, code, text, number)
@@ -608,7 +688,9 @@ class Service:
             await self._stop_consuming()
             await self._resend(record, 0, Status.deferred, "account_stopped", text, number)
 
-    async def _reply_events(self, record: MailRecord, status: Status, error: ErrorInfo | None) -> None:
+    async def _reply_events(
+        self, record: MailRecord, status: Status, error: ErrorInfo | None
+    ) -> None:
         await self.broker.publish_events(
             _outgoing(
                 ResultEvent.create(
@@ -632,6 +714,7 @@ class Service:
     ) -> None:
         for carried in record.requests:
             await self.store.release(carried.request_id)
+            self.limits.refund(carried.content_key)
         await self.broker.delay((r.copy, delay, {}) for r in record.requests)
         await self._reply_events(record, status, _error(code, text, True, number))
 
@@ -646,6 +729,7 @@ class Service:
         middle = len(requests) // 2
         for carried in requests:
             await self.store.release(carried.request_id)
+            self.limits.refund(carried.content_key)
         await self.broker.delay(
             (r.copy, 0, {GROUP_HEADER: f"{record.mail_id}.{0 if i < middle else 1}"})
             for i, r in enumerate(requests)

@@ -30,6 +30,7 @@ class _Group(BaseModel):
 
 class AmqpSettings(_Group):
     url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    connection_name: str = Field("smsc-worker", description="shown in the broker's connection list")
     requests_queue: str = "sms.requests"
     results_exchange: str = "sms.results"
     dead_letter_exchange: str = "sms.dead-letter"

@@ -7,8 +7,8 @@ serving several replicas) can replace the in-memory one without touching the pip
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
@@ -31,6 +31,7 @@ class CarriedRequest:
     attempt: int
     metadata: dict[str, MetadataValue]
     copy: RequestCopy
+    content_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,9 @@ class MailRecord:
     mail_id: str
     requests: tuple[CarriedRequest, ...]
     submitted_at: float
+    # The submission span's context as W3C trace headers, for the reply's span to link to;
+    # plain strings, so that a shared store can keep them as well.
+    trace: Mapping[str, str] = field(default_factory=dict)
 
 
 class StateStore(Protocol):

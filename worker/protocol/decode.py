@@ -137,8 +137,11 @@ def body_text(message: Message, default_charset: str = DEFAULT_CHARSET) -> tuple
     charset = part.get_content_charset() or default_charset
     try:
         return payload.decode(charset), charset
-    except (LookupError, UnicodeDecodeError) as exc:
-        raise MalformedMail(f"body is not valid {charset}") from exc
+    except (LookupError, UnicodeDecodeError):
+        pass
+    # Raised outside the handler: a UnicodeDecodeError holds the whole body, password
+    # included, and must not ride along as __context__ into logs.
+    raise MalformedMail(f"body is not valid {charset}")
 
 
 def decode_mail(raw: bytes, default_charset: str = DEFAULT_CHARSET) -> DecodedMail:

@@ -29,6 +29,10 @@ ESCAPED_NEWLINE = "\\n"
 _UNCARRIABLE_BREAKS = frozenset("\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 _STRING_ID = re.compile(r"[A-Za-z0-9._-]{1,40}")
 _SENDER = re.compile(r"[A-Za-z0-9 .\-_!&'+@#]+")
+# The email format's sender is the sender's e-mail address (the seed: "subject, text and
+# e-mail of the sender"); the same plain form the recipients module takes.
+_EMAIL_SENDER = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
+MAX_EMAIL_SENDER = 254
 _FIELD_BREAKERS = frozenset(":,;\n") | _UNCARRIABLE_BREAKS
 MIN_TZ, MAX_TZ = -24, 24
 # A moment written as `0<unix seconds>` with fewer than 10 digits would be 10 characters or
@@ -132,11 +136,18 @@ def check_mail_id(mail_id: str) -> str:
     return mail_id
 
 
-def check_sender(sender: str) -> str:
-    """A registered sender name: up to 11 characters, or up to 15 digits."""
+def check_sender(sender: str, *, fmt: Format | None = None) -> str:
+    """A registered sender name: up to 11 characters, or up to 15 digits; for the email
+    format (when `fmt` says so), the sender's e-mail address as well."""
     if not sender:
         return sender
     check_plain_field("sender", sender)
+    if fmt == Format.email and "@" in sender:
+        if len(sender) > MAX_EMAIL_SENDER or not _EMAIL_SENDER.fullmatch(sender):
+            raise InvalidRequest(
+                "the email format's sender must be a plain e-mail address", code="invalid_sender"
+            )
+        return sender
     if sender.isdecimal() and sender.isascii():
         if len(sender) > MAX_SENDER_DIGITS:
             raise InvalidRequest(

@@ -75,7 +75,7 @@ class MailOptions:
     voice: str | None = None
 
     def __post_init__(self) -> None:
-        check_sender(self.sender)
+        check_sender(self.sender, fmt=self.format)
         if self.subject is not None:
             check_option_line("subject", self.subject)
         if self.voice is not None:
@@ -186,6 +186,16 @@ def pick_charset(preferred: str, texts: Iterable[str]) -> str:
     return preferred
 
 
+def _encode_or_none(text: str, charset: str) -> bytes | None:
+    """`text` in `charset`, or None. The UnicodeEncodeError is not kept: its `object` is
+    the whole record, password included, and must not ride along as an exception's
+    __cause__ or __context__ into logs."""
+    try:
+        return text.encode(charset)
+    except UnicodeEncodeError:
+        return None
+
+
 def _headers(envelope: Envelope, charset: str, cte: str, date: str, message_id: str) -> bytes:
     for value in (date, message_id):
         if not _HEADER_SAFE.fullmatch(value):
@@ -249,13 +259,13 @@ class MailBuilder:
         self.mail_id = mail_id
 
     def _encode(self, text: str) -> bytes:
-        try:
-            return text.encode(self._charset)
-        except UnicodeEncodeError as exc:
+        encoded = _encode_or_none(text, self._charset)
+        if encoded is None:
             raise InvalidRequest(
                 f"text cannot be written in {self._charset}; batch it with pick_charset()",
                 code="charset",
-            ) from exc
+            )
+        return encoded
 
     def __len__(self) -> int:
         return len(self._lines)
@@ -367,12 +377,11 @@ def encode_single(
     if envelope.text_tags:
         texts[0] = "[text]" + texts[0]
         texts[-1] += "[/text]"
-    try:
-        encoded_lines = [t.encode(charset) for t in texts]
-    except UnicodeEncodeError as exc:  # only a lone surrogate gets past pick_charset
-        raise InvalidRequest(f"the e-mail cannot be written in {charset}", code="charset") from exc
-    raw = b"\r\n".join(encoded_lines) + b"\r\n"
-    longest = max(len(t) for t in encoded_lines)
+    encoded_lines = [_encode_or_none(t, charset) for t in texts]
+    if None in encoded_lines:  # only a lone surrogate could get past pick_charset
+        raise InvalidRequest(f"the e-mail cannot be written in {charset}", code="charset")
+    raw = b"\r\n".join(e for e in encoded_lines if e is not None) + b"\r\n"
+    longest = max(len(e) for e in encoded_lines if e is not None)
     if longest <= MAX_LINE_OCTETS:
         mail = _headers(envelope, charset, "8bit", date, message_id) + raw
     else:

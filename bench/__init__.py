@@ -1,0 +1,1 @@
+"""Benchmarks against a real local RabbitMQ: `python -m bench.run --help`."""

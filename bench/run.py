@@ -1,0 +1,893 @@
+"""Throughput benchmark: the smsc-worker against a bare aio-pika loop, on the real RabbitMQ.
+
+    python -m bench.run [--requests 5000] [--runs 3] [--json]
+
+Each run measures two phases, in alternating order from run to run:
+
+- baseline: a bare aio-pika loop that consumes the requests from a quorum queue and, per
+  message, publishes one confirmed result to a topic exchange and acks;
+- worker: an in-process `Service` with an in-process gateway `Emulator` that relays its
+  replies to the worker's reply port; the time that counts ends with the last `submitted`
+  event, and the `accepted` events are tracked too.
+
+Both get the same N pre-loaded requests (distinct recipients, the publish time in
+`metadata.bench_t`) and run in a child process of their own, so peak RSS and CPU belong
+to the measured loop alone. This process pre-loads the queue while the child waits,
+connected and set up, then lets it consume and collects the result events (receipt
+time minus `bench_t` is a request's latency). The clock starts when the child starts
+consuming. Every figure is also given as worker/baseline of the same run: the ratios,
+not the absolute numbers, are what compare across machines.
+
+Queue and exchange names are unique (`bench.<tag>.*`) and deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import io
+import json
+import math
+import os
+import pstats
+import resource
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "BENCH-RESULT "
+READY_PREFIX = "BENCH-READY "
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+GOAL = 0.8  # the worker should reach this share of the baseline's throughput
+PRELOAD_CHUNK = 1000
+MIB = 1024 * 1024
+
+
+# inside a child: measuring -------------------------------------------------------------
+
+
+def current_rss() -> int:
+    """Resident set size now, in bytes (Linux; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss()
+
+
+def peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Meter:
+    """Wall clock, CPU and RSS (optionally tracemalloc and cProfile) from the moment the
+    child starts consuming to the moment it is told to stop."""
+
+    def __init__(self, profile: str | None, trace: bool) -> None:
+        self._profile_path = profile
+        self._trace = trace
+        self._profiler: cProfile.Profile | None = None
+        self.t0: float | None = None
+        self.t1: float | None = None
+        self._rss0 = 0
+        self._cpu0 = 0.0
+        self._cpu = 0.0
+        self._traced_peak: int | None = None
+
+    def start(self) -> None:
+        if self.t0 is not None:
+            return
+        self._rss0 = current_rss()
+        self._cpu0 = cpu_seconds()
+        if self._trace:
+            tracemalloc.start()
+        if self._profile_path:
+            # CPU time, not wall time: on a busy machine wall time blames whatever ran
+            # when the process was descheduled.
+            self._profiler = cProfile.Profile(time.process_time)
+            self._profiler.enable()
+        self.t0 = time.time()
+
+    def stop(self) -> None:
+        if self.t0 is None or self.t1 is not None:
+            return
+        self.t1 = time.time()
+        if self._profiler is not None:
+            self._profiler.disable()
+            assert self._profile_path is not None
+            self._profiler.dump_stats(self._profile_path)
+        self._cpu = cpu_seconds() - self._cpu0
+        if self._trace and tracemalloc.is_tracing():
+            self._traced_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "t0": self.t0,
+            "t1": self.t1,
+            "cpu_s": self._cpu,
+            "rss_start_bytes": self._rss0,
+            "rss_peak_bytes": peak_rss(),
+            "rss_delta_bytes": max(peak_rss() - self._rss0, 0),
+            "traced_peak_bytes": self._traced_peak,
+        }
+
+
+# inside a child: talking to the parent -----------------------------------------------
+
+
+async def command() -> str:
+    """The parent's next word on stdin: `go` once the queue is loaded, `stop` once it has
+    seen every event (a closed pipe reads as `stop`)."""
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    return line.strip() or "stop"
+
+
+def announce_ready(**details: Any) -> None:
+    print(READY_PREFIX + json.dumps(details), flush=True)
+
+
+async def ready_then_go(meter: Meter) -> None:
+    """Tell the parent this child is set up, wait for the word, start the clock."""
+    announce_ready()
+    if await command() != "go":
+        raise SystemExit("stopped before the start")
+    meter.start()
+
+
+class HeldQueue:
+    """The worker's requests queue, holding back `consume` until the parent says go: the
+    Service is then connected, its topology declared and its tasks running."""
+
+    def __init__(self, queue: Any, meter: Meter) -> None:
+        self._queue = queue
+        self._meter = meter
+
+    async def consume(self, *args: Any, **kwargs: Any) -> Any:
+        await ready_then_go(self._meter)
+        return await self._queue.consume(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queue, name)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# inside a child: the measured loops ------------------------------------------------------
+
+
+async def child_baseline(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
+    """The bare loop: consume, publish one confirmed result per message, ack."""
+    connection = await aio_pika.connect(spec["url"])
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=spec["prefetch"])
+        exchange = await channel.get_exchange(spec["exchange"])
+        queue = await channel.get_queue(spec["queue"])
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            request = json.loads(message.body)
+            event = {
+                "event_id": str(uuid.uuid4()),
+                "request_id": request["request_id"],
+                "status": "submitted",
+                "recipients": [request["to"]],
+                "timestamp": time.time(),
+                "metadata": request.get("metadata", {}),
+            }
+            await exchange.publish(
+                aio_pika.Message(
+                    json.dumps(event).encode(),
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key="sms.result.submitted",
+            )
+            await message.ack()
+
+        await ready_then_go(meter)
+        await queue.consume(on_message)
+        await command()
+        meter.stop()
+    return {}
+
+
+async def child_worker(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
+    """The smsc-worker Service, with the gateway Emulator on the same loop unless the
+    parent runs it in a process of its own (`spec["gateway_port"]`)."""
+    from worker.emulator.config import EmulatorConfig
+    from worker.emulator.server import Emulator
+    from worker.service import Service
+
+    reply_port = spec["reply_port"]
+    async with contextlib.AsyncExitStack() as stack:
+        emulator: Emulator | None = None
+        gateway_port = spec.get("gateway_port")
+        if gateway_port is None:
+            config = EmulatorConfig(reply_relay=("127.0.0.1", reply_port))
+            emulator = await stack.enter_async_context(Emulator(config))
+            gateway_port = emulator.port
+        service = Service(worker_settings(spec["settings"], gateway_port, reply_port))
+        consuming_queue = service.broker.consuming_queue
+
+        def held_consuming_queue() -> Any:
+            # Service.start() asks for the queue right before basic.consume.
+            return HeldQueue(consuming_queue(), meter)
+
+        service.broker.consuming_queue = held_consuming_queue  # type: ignore[method-assign]
+        async with service:
+            await command()
+            meter.stop()
+        if emulator is None:
+            return {}
+        return {"emulator_mails": len(emulator.mails), "emulator_errors": dict(emulator.errors)}
+    raise AssertionError("unreachable")  # pragma: no cover - the stack does not swallow
+
+
+async def child_gateway(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
+    """The gateway Emulator alone (`--emulator process`)."""
+    from worker.emulator.config import EmulatorConfig
+    from worker.emulator.server import Emulator
+
+    config = EmulatorConfig(reply_relay=("127.0.0.1", spec["reply_port"]))
+    async with Emulator(config) as emulator:
+        meter.start()
+        announce_ready(port=emulator.port)
+        await command()  # go
+        await command()  # stop
+        meter.stop()
+        return {"emulator_mails": len(emulator.mails), "emulator_errors": dict(emulator.errors)}
+
+
+def worker_settings(groups: dict[str, Any], smtp_port: int, reply_port: int) -> Any:
+    from worker.settings import (
+        AmqpSettings,
+        BatchSettings,
+        LimitSettings,
+        ReplySettings,
+        Settings,
+        SmtpSettings,
+    )
+
+    return Settings(
+        amqp=AmqpSettings(**groups["amqp"]),
+        smtp=SmtpSettings(host="127.0.0.1", port=smtp_port, **groups["smtp"]),
+        reply=ReplySettings(host="127.0.0.1", port=reply_port, address="replies@bench.test"),
+        batch=BatchSettings(**groups["batch"]),
+        limits=LimitSettings(**groups["limits"]),
+    )
+
+
+CHILDREN: dict[str, Callable[[dict[str, Any], Meter], Awaitable[dict[str, Any]]]] = {
+    "baseline": child_baseline,
+    "worker": child_worker,
+    "gateway": child_gateway,
+}
+
+
+def child_main(kind: str, spec: dict[str, Any]) -> None:
+    meter = Meter(spec.get("profile"), spec.get("tracemalloc", False))
+    extra = asyncio.run(CHILDREN[kind](spec, meter))
+    print(RESULT_PREFIX + json.dumps({**meter.report(), **extra}), flush=True)
+
+
+# the parent: children, topology, loading, results ----------------------------------------
+
+
+class Child:
+    """One measured loop in a process of its own, driven over its stdin and stdout."""
+
+    def __init__(self, kind: str, spec: dict[str, Any]) -> None:
+        self.kind = kind
+        self._spec = spec
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._exited: asyncio.Future[int] | None = None
+        self.ready: dict[str, Any] = {}
+
+    async def start(self, limit_s: float = 60) -> None:
+        """Spawn the child and wait until it is connected and ready to consume."""
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--child",
+            self.kind,
+            "--spec",
+            json.dumps(self._spec),
+            cwd=ROOT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self._stderr,
+        )
+        self._exited = asyncio.ensure_future(self._proc.wait())
+        assert self._proc.stdout is not None
+        async with asyncio.timeout(limit_s):
+            while True:
+                line = (await self._proc.stdout.readline()).decode()
+                if not line:
+                    raise RuntimeError(f"the {self.kind} child ended early:\n{self.stderr()}")
+                if line.startswith(READY_PREFIX):
+                    self.ready = json.loads(line[len(READY_PREFIX) :])
+                    return
+
+    async def send(self, word: str) -> None:
+        assert self._proc is not None
+        assert self._proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._proc.stdin.write(word.encode() + b"\n")
+            await self._proc.stdin.drain()
+
+    async def wait_for(self, finished: Callable[[], Awaitable[Any]], limit_s: float) -> bool:
+        """Wait for `finished`; False on the time limit or when the child ends first."""
+        assert self._exited is not None
+        waiting = asyncio.ensure_future(finished())
+        done, _ = await asyncio.wait(
+            {waiting, self._exited}, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        waiting.cancel()
+        return waiting in done
+
+    async def finish(self) -> dict[str, Any] | None:
+        """Tell the child to stop and read its report."""
+        assert self._proc is not None
+        assert self._proc.stdout is not None
+        assert self._exited is not None
+        await self.send("stop")
+        output = await asyncio.wait_for(self._proc.stdout.read(), 60)
+        await asyncio.wait_for(asyncio.shield(self._exited), 10)
+        for line in output.decode(errors="replace").splitlines():
+            if line.startswith(RESULT_PREFIX):
+                report: dict[str, Any] = json.loads(line[len(RESULT_PREFIX) :])
+                return report
+        return None
+
+    async def close(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+            await self._proc.wait()
+        self._stderr.close()
+
+    def stderr(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")[-3000:]
+
+
+def amqp_names(tag: str) -> dict[str, str]:
+    return {
+        "requests_queue": f"bench.{tag}.requests",
+        "results_exchange": f"bench.{tag}.results",
+        "dead_letter_exchange": f"bench.{tag}.dlx",
+        "dead_letter_queue": f"bench.{tag}.dead",
+        "retry_queue": f"bench.{tag}.retry",
+    }
+
+
+def worker_groups(args: argparse.Namespace, amqp: dict[str, Any]) -> dict[str, Any]:
+    """The worker's settings for the benchmark: batching for throughput, and limits high
+    enough never to throttle."""
+    return {
+        "amqp": {**amqp, "prefetch": args.prefetch},
+        "smtp": {"connections": args.connections, "timeout_s": 10, "submit_deadline_s": 20},
+        "batch": {"max_lines": args.max_lines, "max_wait_ms": args.max_wait_ms},
+        "limits": {"mails_per_second": 100_000.0, "parts_per_second": 100_000_000.0},
+    }
+
+
+class Topology:
+    """Declares what a phase needs (as its consumer would) and deletes it afterwards."""
+
+    def __init__(self, kind: str, url: str, groups: dict[str, Any]) -> None:
+        self.kind = kind
+        self.url = url
+        amqp = groups["amqp"]
+        self.queue: str = amqp["requests_queue"]
+        self.exchange: str = amqp["results_exchange"]
+        self._queues = [self.queue]
+        self._exchanges = [self.exchange]
+        if kind == "worker":
+            from worker.broker import RETRY_TIERS_S, retry_queue_name
+            from worker.settings import AmqpSettings
+
+            self.amqp = AmqpSettings(**amqp)
+            self._queues += [self.amqp.dead_letter_queue]
+            self._queues += [retry_queue_name(self.amqp, t) for t in RETRY_TIERS_S]
+            self._exchanges += [self.amqp.dead_letter_exchange]
+
+    async def declare(self, channel: AbstractChannel) -> None:
+        if self.kind == "worker":
+            from worker.broker import Broker
+
+            broker = Broker(self.amqp)  # the worker's own declarations, arguments and all
+            try:
+                await broker.connect()
+            finally:
+                await broker.close()
+            return
+        await channel.declare_exchange(self.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        await channel.declare_queue(
+            self.queue,
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-delivery-limit": 10},
+        )
+
+    async def delete(self) -> None:
+        connection = await aio_pika.connect(self.url)
+        async with connection:
+            channel = await connection.channel()
+            for name in self._queues:
+                await channel.queue_delete(name)
+            for name in self._exchanges:
+                await channel.exchange_delete(name)
+
+
+def request_body(tag: str, n: int, sent: float) -> bytes:
+    return json.dumps(
+        {
+            "request_id": f"bench-{tag}-{n}",
+            "to": f"+7916{n:07d}",
+            "text": f"Your code is {n:06d}",
+            "metadata": {"bench_t": sent, "n": n},
+        }
+    ).encode()
+
+
+async def publish_requests(channel: AbstractChannel, queue: str, tag: str, numbers: range) -> None:
+    sent = time.time()
+    await asyncio.gather(
+        *(
+            channel.default_exchange.publish(
+                aio_pika.Message(
+                    request_body(tag, i, sent),
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=queue,
+            )
+            for i in numbers
+        )
+    )
+
+
+async def preload(channel: AbstractChannel, queue: str, tag: str, n: int) -> float:
+    """Publish n requests with confirms; return the seconds it took."""
+    started = time.perf_counter()
+    for first in range(0, n, PRELOAD_CHUNK):
+        await publish_requests(channel, queue, tag, range(first, min(first + PRELOAD_CHUNK, n)))
+    return time.perf_counter() - started
+
+
+async def paced(channel: AbstractChannel, queue: str, tag: str, n: int, rate: float) -> float:
+    """Publish n requests at about `rate` per second while the consumer runs."""
+    started = time.perf_counter()
+    sent = 0
+    while sent < n:
+        due = min(n, int((time.perf_counter() - started) * rate) + 1)
+        if due > sent:
+            await publish_requests(channel, queue, tag, range(sent, due))
+            sent = due
+        await asyncio.sleep(max(sent / rate - (time.perf_counter() - started), 0.002))
+    return time.perf_counter() - started
+
+
+class Results:
+    """The result events of one phase, as they arrive, with their receipt times."""
+
+    def __init__(self, requests: int, need_accepted: bool) -> None:
+        self._requests = requests
+        self._need_accepted = need_accepted
+        self.submitted: dict[str, float] = {}
+        self.accepted: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.gateway_ids: set[str] = set()
+        self.other: Counter[str] = Counter()
+        self.done = asyncio.Event()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        now = time.time()
+        event = json.loads(message.body)
+        status, request_id = event.get("status"), event.get("request_id")
+        if status == "submitted":
+            if request_id not in self.submitted:
+                self.submitted[request_id] = now
+                sent = (event.get("metadata") or {}).get("bench_t")
+                if isinstance(sent, int | float):
+                    self.latencies.append(now - sent)
+            if event.get("gateway_id"):
+                self.gateway_ids.add(event["gateway_id"])
+        elif status == "accepted":
+            self.accepted.setdefault(request_id, now)
+        else:
+            self.other[str(status)] += 1
+        if len(self.submitted) >= self._requests and (
+            not self._need_accepted or len(self.accepted) >= self._requests
+        ):
+            self.done.set()
+
+
+async def run_phase(kind: str, args: argparse.Namespace, run: int) -> dict[str, Any]:
+    """Set up, load and measure one phase; always delete its queues and exchanges."""
+    tag = uuid.uuid4().hex[:10]
+    groups = worker_groups(args, amqp_names(tag))
+    topology = Topology(kind, args.url, groups)
+    n = args.requests
+    profile = Path(args.profile) / f"{kind}-run{run + 1}.pstats" if args.profile else None
+    spec: dict[str, Any] = {
+        "url": args.url,
+        "prefetch": args.prefetch,
+        "queue": topology.queue,
+        "exchange": topology.exchange,
+        "settings": groups,
+        "reply_port": free_port(),
+        "tracemalloc": args.tracemalloc,
+        "profile": str(profile) if profile else None,
+    }
+    results = Results(n, need_accepted=kind == "worker")
+    children: list[Child] = []
+    gateway: Child | None = None
+    report: dict[str, Any] | None = None
+    gateway_report: dict[str, Any] | None = None
+    try:
+        connection = await aio_pika.connect(args.url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await topology.declare(channel)
+            exchange = await channel.get_exchange(topology.exchange)
+            events = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await events.bind(exchange, "sms.result.#")
+            await events.consume(results.on_message, no_ack=True)
+            if kind == "worker" and args.emulator == "process":
+                gateway = Child("gateway", {"reply_port": spec["reply_port"]})
+                children.append(gateway)
+                await gateway.start()
+                spec["gateway_port"] = gateway.ready["port"]
+            child = Child(kind, spec)
+            children.append(child)
+            await child.start()
+            if args.rate:
+                for c in children:
+                    await c.send("go")
+                load_s = await paced(channel, topology.queue, tag, n, args.rate)
+            else:
+                load_s = await preload(channel, topology.queue, tag, n)
+                for c in children:
+                    await c.send("go")
+            in_time = await child.wait_for(results.done.wait, args.timeout)
+            report = await child.finish()
+            if gateway is not None:
+                gateway_report = await gateway.finish()
+            # Stragglers (events published while the worker drains) are not waited for.
+        stderr = child.stderr()
+    finally:
+        for c in children:
+            await c.close()
+        await topology.delete()
+    if report is None:
+        raise RuntimeError(f"the {kind} child gave no report; its stderr:\n{stderr}")
+    if gateway_report is not None:
+        report["emulator_mails"] = gateway_report.get("emulator_mails")
+        report["emulator_errors"] = gateway_report.get("emulator_errors")
+        report["gateway_cpu_s"] = gateway_report.get("cpu_s")
+    return summarize_phase(kind, n, results, report, in_time, load_s, stderr)
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(math.ceil(share * len(ordered)) - 1, 0)]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def summarize_phase(
+    kind: str,
+    n: int,
+    results: Results,
+    report: dict[str, Any],
+    in_time: bool,
+    load_s: float,
+    stderr: str,
+) -> dict[str, Any]:
+    t0, t1 = report["t0"], report["t1"]
+    submitted = sorted(results.submitted.values())
+    accepted = sorted(results.accepted.values())
+    elapsed = submitted[-1] - t0 if submitted else None
+    accepted_elapsed = accepted[-1] - t0 if accepted else None
+    worker = kind == "worker"
+    mails = len(results.gateway_ids)
+    cpu_s = report["cpu_s"]
+    phase: dict[str, Any] = {
+        "kind": kind,
+        "requests": n,
+        "complete": in_time and len(submitted) >= n,
+        "submitted": len(submitted),
+        "accepted": len(accepted),
+        "other_statuses": dict(results.other),
+        "load_s": load_s,
+        "elapsed_s": elapsed,
+        "throughput_rps": len(submitted) / elapsed if elapsed else None,
+        "accepted_elapsed_s": accepted_elapsed,
+        "accepted_throughput_rps": len(accepted) / accepted_elapsed
+        if accepted_elapsed and worker
+        else None,
+        "emails": mails if worker else None,
+        "emulator_mails": report.get("emulator_mails"),
+        "emails_per_1000": 1000 * mails / len(submitted) if worker and submitted else None,
+        "latency_p50_ms": _ms(percentile(results.latencies, 0.50)),
+        "latency_p99_ms": _ms(percentile(results.latencies, 0.99)),
+        "rss_delta_mib": report["rss_delta_bytes"] / MIB,
+        "rss_peak_mib": report["rss_peak_bytes"] / MIB,
+        "traced_peak_mib": report["traced_peak_bytes"] / MIB
+        if report.get("traced_peak_bytes") is not None
+        else None,
+        "cpu_ms_per_1000": 1000 * 1000 * cpu_s / n,
+        # From the start to the stop: for the worker that includes the `accepted` tail.
+        "cpu_busy_pct": 100 * cpu_s / (t1 - t0) if t1 and t1 > t0 else None,
+        "gateway_cpu_ms_per_1000": 1000 * 1000 * report["gateway_cpu_s"] / n
+        if report.get("gateway_cpu_s") is not None
+        else None,
+    }
+    if report.get("emulator_errors"):
+        phase["emulator_errors"] = report["emulator_errors"]
+    if not phase["complete"]:
+        phase["stderr_tail"] = stderr
+    return phase
+
+
+# reporting ---------------------------------------------------------------------------
+
+FIGURES: list[tuple[str, str]] = [
+    ("throughput_rps", "throughput to `submitted` (req/s)"),
+    ("accepted_throughput_rps", "throughput to `accepted` (req/s)"),
+    ("emails_per_1000", "e-mails per 1,000 requests"),
+    ("latency_p50_ms", "latency p50, publish -> submitted (ms)"),
+    ("latency_p99_ms", "latency p99, publish -> submitted (ms)"),
+    ("rss_delta_mib", "peak RSS delta (MiB)"),
+    ("traced_peak_mib", "tracemalloc peak (MiB)"),
+    ("cpu_ms_per_1000", "CPU per 1,000 requests (ms)"),
+    ("cpu_busy_pct", "CPU busy, start to stop (%)"),
+    ("gateway_cpu_ms_per_1000", "gateway process CPU per 1,000 (ms)"),
+]
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Medians over the runs; each ratio is the median of the per-run ratios, so a ratio
+    always compares two phases measured in the same run."""
+    figures: dict[str, dict[str, float | None]] = {}
+    for key, _ in FIGURES:
+        ratios = []
+        for run in runs:
+            w, b = run["worker"].get(key), run["baseline"].get(key)
+            ratios.append(w / b if w is not None and b else None)
+        figures[key] = {
+            "baseline": _median([r["baseline"].get(key) for r in runs]),
+            "worker": _median([r["worker"].get(key) for r in runs]),
+            "ratio": _median(ratios),
+        }
+    ratio = figures["throughput_rps"]["ratio"]
+    return {
+        "figures": figures,
+        "goal": {
+            "throughput_ratio_at_least": GOAL,
+            "ratio": ratio,
+            "met": ratio is not None and ratio >= GOAL,
+        },
+        "complete": all(phase["complete"] for run in runs for phase in run.values()),
+    }
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+EMULATOR_PLACES = {"inprocess": "in-process", "process": "in a process of its own"}
+
+
+def print_table(document: dict[str, Any]) -> None:
+    meta, summary = document["settings"], document["summary"]
+    mode = f"paced at {meta['rate']:g} req/s" if meta["rate"] else "pre-loaded"
+    print(
+        f"smsc-worker benchmark: {meta['requests']} requests ({mode}) x {meta['runs']} run(s), "
+        f"RabbitMQ {meta['rabbitmq']}, {os.cpu_count()} CPUs; medians over the runs"
+    )
+    w = meta["worker"]
+    print(
+        f"worker settings: batch max_lines={w['batch']['max_lines']} "
+        f"max_wait_ms={w['batch']['max_wait_ms']}; "
+        f"limits mails_per_second={w['limits']['mails_per_second']:g} "
+        f"parts_per_second={w['limits']['parts_per_second']:g}; "
+        f"smtp connections={w['smtp']['connections']}; amqp prefetch={w['amqp']['prefetch']}; "
+        f"gateway emulator {EMULATOR_PLACES[meta['emulator']]}"
+    )
+    print(
+        f"baseline: prefetch {meta['baseline_prefetch']}, one confirmed publish + ack per message"
+    )
+    print()
+    print(f"{'':42}{'baseline':>12}{'worker':>12}{'worker/baseline':>18}")
+    for key, label in FIGURES:
+        row = summary["figures"][key]
+        if row["worker"] is None and row["baseline"] is None:
+            continue
+        print(
+            f"{label:42}{_fmt(row['baseline']):>12}{_fmt(row['worker']):>12}"
+            f"{_fmt(row['ratio'], 2):>18}"
+        )
+    print()
+    for i, run in enumerate(document["runs"], 1):
+        parts = []
+        for kind, p in run.items():
+            parts.append(
+                f"{kind} {_fmt(p['throughput_rps'], 0)} req/s in {_fmt(p['elapsed_s'], 2)} s"
+                f" (load {p['load_s']:.2f} s)"
+                + ("" if p["complete"] else f" INCOMPLETE {p['submitted']}/{p['requests']}")
+                + (f" other events {p['other_statuses']}" if p["other_statuses"] else "")
+            )
+        print(f"run {i}: " + "; ".join(parts))
+    goal = summary["goal"]
+    verdict = "met" if goal["met"] else "NOT met"
+    print(
+        f"\ngoal: worker throughput >= {GOAL}x baseline: {verdict} (ratio {_fmt(goal['ratio'], 2)})"
+    )
+    if meta["profiled"] or meta["tracemalloc"]:
+        print("note: profiling or tracemalloc slows the children; their throughput is distorted")
+    for path in document["profiles"]:
+        print(f"profile: {path}")
+
+
+def print_profile(path: str, top: int) -> None:
+    out = io.StringIO()
+    stats = pstats.Stats(path, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    print(out.getvalue(), file=sys.stderr)
+
+
+# entry point ------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="smsc-worker throughput against a bare aio-pika loop on the local RabbitMQ",
+    )
+    parser.add_argument("--requests", type=int, default=5000, help="requests per phase")
+    parser.add_argument("--runs", type=int, default=3, help="baseline+worker pairs (median)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--url", default=DEFAULT_URL, help="RabbitMQ AMQP URL")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0,
+        help="publish at this many req/s while consuming instead of pre-loading "
+        "(for latency; throughput is then capped by the rate)",
+    )
+    parser.add_argument("--timeout", type=float, default=45.0, help="seconds per phase at most")
+    parser.add_argument("--prefetch", type=int, default=2000, help="unacked messages per consumer")
+    parser.add_argument("--max-lines", type=int, default=1000, help="worker: lines per e-mail")
+    parser.add_argument("--max-wait-ms", type=int, default=50, help="worker: batch wait")
+    parser.add_argument("--connections", type=int, default=2, help="worker: SMTP connections")
+    parser.add_argument(
+        "--emulator",
+        choices=["inprocess", "process"],
+        default="inprocess",
+        help="the gateway emulator on the worker's loop (default) or in a process of its own",
+    )
+    parser.add_argument(
+        "--tracemalloc", action="store_true", help="also trace Python allocations (slower)"
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="cProfile (CPU time) each child into DIR/<kind>-run<n>.pstats (slower)",
+    )
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.runs < 1:
+        parser.error("--requests and --runs must be at least 1")
+    if args.requests > 9_999_999:
+        parser.error("--requests must be below 10,000,000 (one recipient each)")
+    return args
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        connection = await aio_pika.connect(args.url, timeout=5)
+    except Exception as exc:
+        raise SystemExit(f"RabbitMQ is not reachable at {args.url}: {exc}") from None
+    await connection.close()
+    profile_dir = Path(args.profile) if args.profile else None
+    runs: list[dict[str, dict[str, Any]]] = []
+    for i in range(args.runs):
+        order = ("baseline", "worker") if i % 2 == 0 else ("worker", "baseline")
+        run: dict[str, dict[str, Any]] = {}
+        for kind in order:
+            phase = await run_phase(kind, args, i)
+            run[kind] = phase
+            print(
+                f"run {i + 1}/{args.runs} {kind}: {_fmt(phase['throughput_rps'], 0)} req/s"
+                + ("" if phase["complete"] else " (incomplete)"),
+                file=sys.stderr,
+                flush=True,
+            )
+        runs.append(run)
+    profiles = []
+    if profile_dir is not None:
+        profiles = [
+            str(profile_dir / f"{k}-run{i + 1}.pstats") for i, r in enumerate(runs) for k in r
+        ]
+    return {
+        "settings": {
+            "requests": args.requests,
+            "runs": args.runs,
+            "rate": args.rate,
+            "rabbitmq": args.url.rpartition("@")[2].rstrip("/"),
+            "baseline_prefetch": args.prefetch,
+            "worker": worker_groups(args, {}),
+            "emulator": args.emulator,
+            "tracemalloc": args.tracemalloc,
+            "profiled": bool(args.profile),
+        },
+        "summary": summarize(runs),
+        "runs": runs,
+        "profiles": profiles,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child_main(args.child, json.loads(args.spec))
+        return
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    document = asyncio.run(bench(args))
+    document["wall_s"] = time.perf_counter() - started
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print_table(document)
+        print(f"(took {document['wall_s']:.0f} s)")
+        for path in document["profiles"]:
+            if "/worker-" in path:
+                print(f"--- {path}, top by own CPU time", file=sys.stderr)
+                print_profile(path, 25)
+    if not document["summary"]["complete"]:
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

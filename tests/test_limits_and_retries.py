@@ -1,0 +1,204 @@
+"""Staying within the gateway's limits, backing off, and never losing or doubling a message.
+
+The windows of the emulator and of the worker are shrunk alike (seconds, not minutes), so
+the same rules are exercised without the tests waiting for minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections import Counter
+
+from pydantic import SecretStr
+
+from tests.conftest import collecting, gateway_and_worker, phone
+from worker.contract import Status
+from worker.settings import AmqpSettings, GatewaySettings, LimitSettings, RetrySettings
+
+WINDOW_S = 2.0
+SHORT_WINDOWS = {"duplicate_window_s": WINDOW_S, "streak_gap_s": WINDOW_S}
+# The worker counts a request when it admits it, the gateway when it receives it a moment
+# later: the worker's windows carry a margin over the gateway's.
+WORKER_LIMITS = LimitSettings(
+    identical_window_s=WINDOW_S + 0.5,
+    subscriber_gap_s=WINDOW_S + 0.5,
+    mails_per_second=1000,
+    parts_per_second=100_000,
+)
+FAST_RETRY = RetrySettings(base_delay_s=1, max_delay_s=2, circuit_base_s=1, circuit_max_s=2)
+
+
+def accepted_once(results: object, request_ids: list[str]) -> bool:
+    return all(Status.accepted in results.statuses(r) for r in request_ids)  # type: ignore[attr-defined]
+
+
+async def test_a_stream_that_would_trip_the_limits_trips_none(amqp: AmqpSettings) -> None:
+    subscriber = phone(500)
+    stream = [{"request_id": f"flood-{n}", "to": subscriber, "text": f"m{n}"} for n in range(60)]
+    stream += [{"request_id": f"same-{n}", "to": phone(1), "text": "same text"} for n in range(3)]
+    stream += [
+        {"request_id": "again", "to": phone(2), "text": "once"},
+        {"request_id": "again", "to": phone(2), "text": "once"},
+    ]
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, SHORT_WINDOWS, limits=WORKER_LIMITS, retry=FAST_RETRY) as (
+            emulator,
+            _,
+        ),
+    ):
+        for request in stream:
+            await broker.publish(request)
+        unique_ids = sorted({str(r["request_id"]) for r in stream})
+        await results.wait_until(lambda: accepted_once(results, unique_ids), 60)
+        await asyncio.sleep(0.5)
+
+    assert emulator.errors[9] == 0
+    assert emulator.floods == []
+    counts = Counter((d.recipient, d.text) for d in emulator.deliveries)
+    assert all(counts[(subscriber, f"m{n}")] == 1 for n in range(60))
+    assert counts[(phone(1), "same text")] == 3
+    assert counts[(phone(2), "once")] == 1
+    assert sum(counts.values()) == 60 + 3 + 1
+    duplicates = [e for e in results.of("again") if e.status == Status.rejected]
+    assert [e.error.code for e in duplicates if e.error] == ["duplicate"]
+    assert any(e.status == Status.deferred for e in results.of("flood-59"))
+
+
+async def test_refused_connections_are_retried_through_rabbitmq_until_they_succeed(
+    amqp: AmqpSettings,
+) -> None:
+    ids = [f"refused-{n}" for n in range(30)]
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, retry=FAST_RETRY) as (emulator, service),
+    ):
+        await emulator.faults.refuse_connections()
+        for n, request_id in enumerate(ids):
+            await broker.publish({"request_id": request_id, "to": phone(n), "text": "hi"})
+        await results.wait_until(
+            lambda: {e.request_id for e in results.with_status(Status.retrying)} == set(ids)
+        )
+        # Waiting requests sit in RabbitMQ's retry queues, not in the worker's memory.
+        assert len(service._batcher) == 0
+        assert service._acker.unacked == 0
+        await emulator.faults.accept_connections()
+        await results.wait_until(lambda: accepted_once(results, ids), 60)
+
+    counts = Counter(d.recipient for d in emulator.deliveries)
+    assert counts == Counter(phone(n) for n in range(len(ids)))
+    retry = results.with_status(Status.retrying)[0]
+    assert retry.error is not None and retry.error.retryable and retry.retry_at is not None
+
+
+async def test_one_undeliverable_number_fails_alone_and_the_rest_are_sent(
+    amqp: AmqpSettings,
+) -> None:
+    bad = phone(13)
+    ids = [f"line-{n}" for n in range(40)]
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, {"undeliverable": frozenset({bad})}) as (emulator, _),
+    ):
+        await asyncio.gather(
+            *(
+                broker.publish({"request_id": r, "to": phone(n), "text": "x"})
+                for n, r in enumerate(ids)
+            )
+        )
+        good = [r for r in ids if r != "line-13"]
+        await results.wait_until(
+            lambda: accepted_once(results, good) and Status.failed in results.statuses("line-13"),
+            60,
+        )
+
+    failed = results.with_status(Status.failed)
+    assert [e.request_id for e in failed] == ["line-13"]
+    assert failed[0].error is not None and failed[0].error.gateway_error == 8
+    counts = Counter(d.recipient for d in emulator.deliveries)
+    assert counts == Counter(phone(n) for n in range(40) if n != 13)
+    # Halving finds one bad line among 40 in about log2(40) rounds, not 40 e-mails.
+    assert emulator.errors[8] <= 7
+
+
+async def test_an_ip_block_pauses_sending_then_resumes(amqp: AmqpSettings) -> None:
+    gateway = {
+        "denied_words": frozenset({"forbidden"}),
+        "block_after_errors": 2,
+        "block_for_s": 2.0,
+    }
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, gateway, retry=FAST_RETRY) as (emulator, _),
+    ):
+        for n in range(2):
+            await broker.publish({"request_id": f"denied-{n}", "to": phone(n), "text": "forbidden"})
+            await results.wait_until(lambda n=n: Status.failed in results.statuses(f"denied-{n}"))
+        await broker.publish({"request_id": "after-block", "to": phone(9), "text": "fine"})
+        await results.wait_until(lambda: Status.accepted in results.statuses("after-block"), 30)
+
+    statuses = results.statuses("after-block")
+    assert Status.deferred in statuses
+    deferred = next(e for e in results.of("after-block") if e.status == Status.deferred)
+    assert deferred.error is not None and deferred.error.gateway_error == 4
+    assert emulator.errors[4] <= 3, "the worker kept sending into the block"
+    assert Counter(d.recipient for d in emulator.deliveries) == Counter({phone(9): 1})
+
+
+async def test_bad_credentials_stop_the_account_without_a_retry_storm(amqp: AmqpSettings) -> None:
+    wrong = GatewaySettings(login="demo", password=SecretStr("wrong-password"))
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, gateway=wrong, retry=FAST_RETRY) as (emulator, service),
+    ):
+        for n in range(5):
+            await broker.publish({"request_id": f"cred-{n}", "to": phone(n), "text": "x"})
+        await results.wait_until(lambda: service.account_stopped)
+        await asyncio.sleep(3)
+        assert not service.ready
+        queue = await broker.channel.declare_queue(amqp.requests_queue, passive=True)
+        waiting = queue.declaration_result.message_count
+
+    assert emulator.errors[2] == 1
+    assert emulator.deliveries == []
+    stopped = [e for e in results.events if e.error and e.error.code == "account_stopped"]
+    assert stopped and all(e.error and e.error.retryable for e in stopped)
+    assert "wrong-password" not in str([e.model_dump() for e in results.events])
+    assert waiting == 5, "the requests must wait in the queue, not be dropped"
+
+
+def close_connection_named(name: str) -> None:
+    listing = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    pids = [line.split("\t")[0] for line in listing.splitlines() if name in line]
+    assert pids, f"no connection named {name}"
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test"], check=True)
+
+
+async def test_a_request_redelivered_after_a_broker_side_close_is_not_sent_again(
+    amqp: AmqpSettings,
+) -> None:
+    name = f"smsc-worker-test-{uuid.uuid4().hex[:8]}"
+    amqp = amqp.model_copy(update={"connection_name": name})
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, {"latency_s": 3.0}) as (emulator, _),
+    ):
+        await broker.publish({"request_id": "once-only", "to": phone(1), "text": "exactly once"})
+        await emulator.wait_for_mails(1, timeout_s=10)
+        # The e-mail is recorded by the gateway; its 250 is still 3 s away. Cut the
+        # worker's broker connection now, so the ack after the 250 cannot reach RabbitMQ.
+        await asyncio.to_thread(close_connection_named, name)
+        await results.wait_until(lambda: Status.accepted in results.statuses("once-only"), 30)
+        await results.wait_until(lambda: Status.rejected in results.statuses("once-only"), 30)
+
+    assert emulator.delivered(phone(1), "exactly once") == 1
+    rejected = [e for e in results.of("once-only") if e.status == Status.rejected]
+    assert [e.error.code for e in rejected if e.error] == ["duplicate"]

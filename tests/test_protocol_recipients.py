@@ -1,0 +1,171 @@
+"""Recipients: numbers with `+` as given, without `+` read with a default region, groups,
+e-mail addresses for the email format, #ids for messengers, everything else refused."""
+
+from __future__ import annotations
+
+import phonenumbers
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from worker.errors import InvalidRequest
+from worker.protocol.fields import Format
+from worker.protocol.recipients import RecipientKind, parse_recipient, parse_recipients
+
+FAST = settings(max_examples=200, deadline=None)
+
+
+@pytest.mark.parametrize(
+    "raw", ["+79991234567", "+7 999 123-45-67", "+7 (999) 123.45.67", " +79991234567 "]
+)
+def test_a_plus_number_is_written_with_plus_and_only_punctuation_removed(raw: str) -> None:
+    recipient = parse_recipient(raw)
+    assert recipient.kind is RecipientKind.phone
+    assert recipient.wire == "+79991234567"
+    assert recipient.key == "+79991234567"
+
+
+@pytest.mark.parametrize(
+    ("raw", "suggested"),
+    [
+        ("+789991234567", "+79991234567"),  # a national prefix 8 after the country code
+        ("+7 8 999 123 45 67", "+79991234567"),
+        ("+4407911123456", "+447911123456"),  # a national prefix 0 after the country code
+    ],
+)
+def test_a_plus_number_is_never_corrected(raw: str, suggested: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_recipient(raw)
+    assert info.value.code == "invalid_phone"
+    assert "not corrected" in info.value.message
+
+
+@pytest.mark.parametrize("raw", ["+7999123456", "+799912345678", "+1", "+0123456789"])
+def test_an_invalid_plus_number_is_refused(raw: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_recipient(raw)
+    assert info.value.code == "invalid_phone"
+
+
+@pytest.mark.parametrize(
+    ("raw", "region", "wire"),
+    [
+        ("89991234567", "RU", "79991234567"),
+        ("79991234567", "RU", "79991234567"),
+        ("9991234567", "RU", "79991234567"),
+        ("8 (999) 123-45-67", "RU", "79991234567"),
+        ("07911 123456", "GB", "447911123456"),
+        ("(201) 555-0123", "US", "12015550123"),
+    ],
+)
+def test_a_number_without_plus_is_read_with_the_default_region(
+    raw: str, region: str, wire: str
+) -> None:
+    recipient = parse_recipient(raw, Format.sms, region)
+    assert recipient.wire == wire
+    assert recipient.key == "+" + wire
+
+
+def test_a_number_without_plus_that_is_invalid_in_the_region_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_recipient("07911 123456", Format.sms, "RU")
+    assert info.value.code == "invalid_phone"
+
+
+@FAST
+@given(st.from_regex(r"\+[1-9][0-9]{5,15}", fullmatch=True))
+@example("+789991234567")
+@example("+390612345678")
+def test_plus_numbers_are_accepted_only_exactly_as_given(raw: str) -> None:
+    try:
+        recipient = parse_recipient(raw)
+    except InvalidRequest:
+        return
+    assert recipient.wire == raw
+    assert recipient.key == raw
+
+
+@FAST
+@given(st.sampled_from(sorted(phonenumbers.SUPPORTED_REGIONS)))
+def test_every_valid_international_number_is_accepted_as_written(region: str) -> None:
+    example_number = phonenumbers.example_number_for_type(
+        region, phonenumbers.PhoneNumberType.MOBILE
+    )
+    if example_number is None:
+        return
+    e164 = phonenumbers.format_number(example_number, phonenumbers.PhoneNumberFormat.E164)
+    assert parse_recipient(e164).wire == e164
+
+
+@pytest.mark.parametrize("raw", ["G1", "G42", "G1234567890"])
+def test_group_codes(raw: str) -> None:
+    recipient = parse_recipient(raw)
+    assert recipient.kind is RecipientKind.group
+    assert recipient.wire == raw
+
+
+def test_email_addresses_for_the_email_format() -> None:
+    recipient = parse_recipient("John.Doe+tag@Example.com", Format.email)
+    assert recipient.kind is RecipientKind.email
+    assert recipient.wire == "John.Doe+tag@Example.com"
+    assert recipient.key == "john.doe+tag@example.com"
+
+
+@pytest.mark.parametrize("raw", ["79991234567", "G1", "not an address", "a@b", "a:b@example.com"])
+def test_the_email_format_takes_addresses_only(raw: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_recipient(raw, Format.email)
+    assert "e-mail address" in info.value.message
+
+
+def test_an_email_address_is_not_a_phone_recipient() -> None:
+    with pytest.raises(InvalidRequest):
+        parse_recipient("john@example.com", Format.sms)
+
+
+@pytest.mark.parametrize("fmt", [Format.viber, Format.whatsapp, Format.soc])
+def test_hash_ids_for_messenger_formats(fmt: Format) -> None:
+    recipient = parse_recipient("#user_42", fmt)
+    assert recipient.kind is RecipientKind.messenger
+    assert recipient.wire == "#user_42"
+
+
+@pytest.mark.parametrize("fmt", [Format.sms, Format.flash, Format.voice, Format.ping])
+def test_hash_ids_are_refused_outside_messenger_formats(fmt: Format) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_recipient("#user_42", fmt)
+    assert "messenger" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", "   ", "hello", "7999:1234567", "7999,1234567", "+7999;1234567", "79991234567\n7", "G",
+     "g12", "G12a", "#", "++79991234567", "7+9991234567", "٧٩٩٩١٢٣٤٥٦٧"],
+)  # fmt: skip
+def test_anything_else_is_refused_with_a_reason(raw: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_recipient(raw)
+    assert info.value.code in ("invalid_recipient", "invalid_phone")
+    assert info.value.message
+
+
+def test_the_same_person_named_twice_is_kept_once() -> None:
+    recipients = parse_recipients(["+79991234567", "89991234567", "8 999 123 45 67", "G1"])
+    assert [r.wire for r in recipients] == ["+79991234567", "G1"]
+
+
+def test_at_least_one_recipient_is_required() -> None:
+    with pytest.raises(InvalidRequest):
+        parse_recipients([])
+
+
+@FAST
+@given(st.text(max_size=20))
+def test_every_accepted_recipient_is_safe_to_write_in_a_line(raw: str) -> None:
+    for fmt in (Format.sms, Format.email, Format.viber):
+        try:
+            recipient = parse_recipient(raw, fmt)
+        except InvalidRequest:
+            continue
+        assert recipient.wire
+        assert not any(c in recipient.wire for c in ":,;\r\n \t")

@@ -1,0 +1,186 @@
+"""The gateway's reply e-mails, read into typed results, each error mapped to its action."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.protocol.replies import (
+    ERRORS_WITH_ID,
+    Accepted,
+    Action,
+    GatewayError,
+    Rejected,
+    UnreadableReply,
+    parse_reply,
+    render_reply,
+)
+
+FAST = settings(max_examples=200, deadline=None)
+
+
+def test_ok_reply() -> None:
+    assert parse_reply("OK - 3 SMS, ID - 1234") == Accepted(sms_count=3, mail_id="1234")
+
+
+def test_ok_reply_with_a_string_id() -> None:
+    assert parse_reply("OK - 12 SMS, ID - batch-7.a_b") == Accepted(12, "batch-7.a_b")
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "description", "mail_id"),
+    [
+        ("ERROR = 1 (error in parameters)", GatewayError.parameters, "error in parameters", None),
+        ("ERROR = 2 (invalid login)", GatewayError.credentials, "invalid login", None),
+        ("ERROR = 3 (no money), ID - 77", GatewayError.insufficient_funds, "no money", "77"),
+        ("ERROR = 7 (bad phone), ID - abc.1", GatewayError.phone_format, "bad phone", "abc.1"),
+        (
+            "ERROR = 9 (duplicate request)",
+            GatewayError.duplicate_request,
+            "duplicate request",
+            None,
+        ),
+        ("ERROR = 1", GatewayError.parameters, "", None),
+        ("ERROR=8(cannot deliver),ID-5", GatewayError.undeliverable, "cannot deliver", "5"),
+    ],
+)
+def test_error_replies(
+    body: str, error: GatewayError, description: str, mail_id: str | None
+) -> None:
+    assert parse_reply(body) == Rejected(error, description, mail_id)
+
+
+def test_an_error_description_with_parentheses_keeps_its_id() -> None:
+    reply = parse_reply("ERROR = 6 (message denied (sender not registered)), ID - 42")
+    assert reply == Rejected(
+        GatewayError.message_denied, "message denied (sender not registered)", "42"
+    )
+
+
+@pytest.mark.parametrize(
+    ("number", "action", "retryable"),
+    [
+        (1, Action.fail, False),
+        (2, Action.stop_account, False),
+        (3, Action.pause_account, True),
+        (4, Action.back_off, True),
+        (5, Action.fail, False),
+        (6, Action.fail, False),
+        (7, Action.find_bad_line, False),
+        (8, Action.find_bad_line, False),
+        (9, Action.retry_after_window, True),
+    ],
+)
+def test_each_error_number_maps_to_the_action_in_the_notes(
+    number: int, action: Action, retryable: bool
+) -> None:
+    reply = parse_reply(f"ERROR = {number} (whatever)")
+    assert isinstance(reply, Rejected)
+    assert reply.error == number
+    assert isinstance(reply.error, GatewayError)
+    assert reply.action is action
+    assert reply.retryable is retryable
+
+
+def test_an_unknown_error_number_is_permanent_never_a_blind_resend() -> None:
+    reply = parse_reply("ERROR = 42 (something new)")
+    assert isinstance(reply, Rejected)
+    assert reply.error == 42
+    assert reply.action is Action.fail
+    assert not reply.retryable
+
+
+def test_errors_that_carry_an_id_are_3_6_7_8() -> None:
+    assert {int(e) for e in ERRORS_WITH_ID} == {3, 6, 7, 8}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "  OK - 2 SMS, ID - 9  ",
+        "\r\n\r\nOK - 2 SMS, ID - 9\r\n\r\n",
+        "\tOK  -  2  SMS ,  ID  -  9",
+        '"OK - 2 SMS, ID - 9"',
+        "'OK - 2 SMS, ID - 9'",
+        "«OK - 2 SMS, ID - 9»",
+        ' " OK - 2 SMS, ID - 9 " ',
+        "ok - 2 sms, id - 9",
+        "> ERROR = 2 (bad password)\n> \nOK - 2 SMS, ID - 9\n",
+        "OK - 2 SMS, ID - 9\n-- \nERROR = 1 (signature)",
+        "Hello,\n\nOK - 2 SMS, ID - 9\n\n-- \nSMS Centre\nOK - 5 SMS, ID - 1",
+        ">> OK - 7 SMS, ID - 1\nOK - 2 SMS, ID - 9",
+    ],
+)
+def test_whitespace_quotes_quoted_lines_and_signatures(body: str) -> None:
+    assert parse_reply(body) == Accepted(2, "9")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "",
+        "\n\n",
+        "> OK - 2 SMS, ID - 9",
+        "-- \nOK - 2 SMS, ID - 9",
+        "BOOK - 2 SMS, ID - 9",
+        "NOT OK - 2 SMS, ID - 9",
+        "TERROR = 1 (x)",
+        "Thank you",
+    ],
+)
+def test_no_answer_line_is_unreadable(body: str) -> None:
+    with pytest.raises(UnreadableReply):
+        parse_reply(body)
+
+
+def test_render_writes_the_gateway_forms() -> None:
+    assert render_reply(Accepted(4, "17")) == "OK - 4 SMS, ID - 17"
+    assert render_reply(Rejected(GatewayError.credentials, "bad", None)) == "ERROR = 2 (bad)"
+    assert render_reply(Rejected(GatewayError.undeliverable, "no", "5")) == "ERROR = 8 (no), ID - 5"
+    # 1, 2, 4, 5, 9 never carry an ID
+    assert render_reply(Rejected(GatewayError.ip_blocked, "blocked", "5")) == "ERROR = 4 (blocked)"
+
+
+mail_ids = st.from_regex(r"[A-Za-z0-9._-]{1,40}", fullmatch=True)
+descriptions = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=60
+).map(str.strip)
+
+
+@FAST
+@given(st.integers(min_value=0, max_value=10**9), mail_ids)
+def test_accepted_round_trips(count: int, mail_id: str) -> None:
+    reply = Accepted(count, mail_id)
+    assert parse_reply(render_reply(reply)) == reply
+
+
+@FAST
+@given(st.integers(min_value=1, max_value=99), descriptions, st.one_of(st.none(), mail_ids))
+def test_rejected_round_trips(number: int, description: str, mail_id: str | None) -> None:
+    error: GatewayError | int = (
+        GatewayError(number) if number in {int(e) for e in GatewayError} else number
+    )
+    if error not in ERRORS_WITH_ID:
+        mail_id = None  # the gateway's form for these errors has no ID
+    reply = Rejected(error, description, mail_id)
+    parsed = parse_reply(render_reply(reply))
+    assert parsed == reply
+    assert isinstance(parsed, Rejected)
+    assert parsed.action is reply.action
+
+
+@FAST
+@given(
+    st.integers(min_value=0, max_value=10**6),
+    mail_ids,
+    st.sampled_from(["", "> quoted\n", "> OK - 1 SMS, ID - x\n", "Re: your mail\n\n"]),
+    st.sampled_from(["", "\n", "\n-- \nsupport@smscentre.com\nOK - 0 SMS, ID - 0"]),
+    st.sampled_from(["{}", '"{}"', "  {}  ", "'{}'"]),
+)
+def test_rendered_replies_parse_inside_a_real_mail(
+    count: int, mail_id: str, before: str, after: str, wrap: str
+) -> None:
+    reply = Accepted(count, mail_id)
+    body = before + wrap.format(render_reply(reply)) + after
+    assert parse_reply(body) == reply

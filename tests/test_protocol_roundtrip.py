@@ -1,0 +1,500 @@
+"""decode(encode(x)) == x: every field, every line, in koi8-r and utf-8, with and without
+text tags; and no text, however hostile, changes the recipients or the number of lines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+from pydantic import SecretStr
+
+from worker.errors import InvalidRequest
+from worker.protocol.decode import (
+    DecodedBody,
+    DecodedLine,
+    MalformedMail,
+    decode_body,
+    decode_mail,
+    split_phones,
+)
+from worker.protocol.fields import (
+    Format,
+    SendTime,
+    Translit,
+    check_login,
+    check_option_line,
+    check_password,
+    check_text,
+)
+from worker.protocol.mail import (
+    Account,
+    Envelope,
+    ListLine,
+    MailOptions,
+    encode_mail,
+    encode_single,
+)
+
+ROUND_TRIP = settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+DATE = "Tue, 25 Nov 2025 18:00:00 +0000"
+MSG_ID = "<rt@worker.example>"
+
+
+def accepted(text: str) -> bool:
+    try:
+        check_text(text)
+    except InvalidRequest:
+        return False
+    return True
+
+
+def fits(text: str, charset: str) -> bool:
+    try:
+        text.encode(charset)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+KOI8_CHARS = sorted(
+    {bytes([b]).decode("koi8-r") for b in range(256)} - set("\r\x0b\x0c\x1c\x1d\x1e")
+)
+TRICKY = list(":;,\\\n []/_~€ёЁжЯİ😀🎉#+G\t\"'<>.-=~")
+
+any_char = st.characters(codec="utf-8")  # every code point but lone surrogates
+koi8_char = st.sampled_from(KOI8_CHARS)
+
+
+def joined(pieces: st.SearchStrategy[str], max_size: int) -> st.SearchStrategy[str]:
+    """Strings made of whole pieces (st.text takes single characters only)."""
+    return st.lists(pieces, max_size=max_size).map("".join)
+
+
+def texts(chars: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """Texts the encoder accepts: short mixes of tricky and arbitrary characters, and
+    texts of exactly 1000 characters."""
+    pieces = st.one_of(chars, st.sampled_from(TRICKY), st.sampled_from(["\n", "\\", ":", "\\\n"]))
+    short = joined(pieces, 60)
+    long = st.builds(lambda seed, pad: (seed + pad * 1000)[:1000], joined(pieces, 30), chars)
+    return st.one_of(short, short, long).filter(accepted)
+
+
+def option_values(chars: st.SearchStrategy[str]) -> st.SearchStrategy[str | None]:
+    def ok(value: str) -> bool:
+        try:
+            check_option_line("subject", value)
+        except InvalidRequest:
+            return False
+        return True
+
+    return st.one_of(st.none(), st.text(alphabet=chars, max_size=40).filter(ok))
+
+
+PHONES = st.sampled_from(["79991234567", "+79997654321", "G12", "79990000001", "+447911123456"])
+EMAILS = st.sampled_from(["a@example.com", "John.Doe+x@mail.example.ru", "b_c@d.org"])
+HASH_IDS = st.sampled_from(["#user_1", "#42", "#nick.name"])
+
+mail_ids = st.one_of(
+    st.integers(min_value=1, max_value=2_147_483_647).map(str),
+    st.text(alphabet="abcxyzABCXYZ0123456789._-", min_size=1, max_size=40).filter(
+        lambda s: not (s.isdecimal() and not 1 <= int(s) <= 2_147_483_647)
+    ),
+)
+send_times = st.one_of(
+    st.just(SendTime()),
+    st.builds(
+        SendTime.at,
+        st.datetimes(
+            min_value=datetime(2002, 1, 1), max_value=datetime(2099, 1, 1), timezones=st.just(UTC)
+        ),
+    ),
+    st.builds(
+        SendTime.window,
+        st.integers(0, 24),
+        st.integers(0, 24),
+        st.one_of(st.none(), st.integers(-24, 24)),
+    ),
+    st.builds(SendTime.after_minutes, st.integers(0, 10**6)),
+    st.just(SendTime("0112251230", tz=2)),
+    st.just(SendTime("01.12.25 12.30")),
+)
+senders = st.one_of(
+    st.just(""),
+    st.from_regex(r"[A-Za-z0-9 .\-_!&'+@#]{1,11}", fullmatch=True),
+    st.from_regex(r"[0-9]{1,15}", fullmatch=True),
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    envelope: Envelope
+    account: Account
+    mail_id: str
+    options: MailOptions
+    lines: tuple[ListLine, ...]
+    single: bool
+
+
+def logins(chars: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    def ok(value: str) -> bool:
+        try:
+            check_login(value)
+        except InvalidRequest:
+            return False
+        return True
+
+    return st.one_of(st.just(""), st.text(alphabet=chars, min_size=1, max_size=20).filter(ok))
+
+
+def passwords(chars: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    def ok(value: str) -> bool:
+        try:
+            check_password(value)
+        except InvalidRequest:
+            return False
+        return True
+
+    return st.text(alphabet=chars, min_size=1, max_size=40).filter(ok)
+
+
+@st.composite
+def cases(draw: st.DrawFn, alphabet: str) -> Case:
+    """`alphabet` "koi8-r" keeps every field within koi8-r; "any" takes any character."""
+    chars = koi8_char if alphabet == "koi8-r" else any_char
+    charset = draw(st.sampled_from(["koi8-r", "koi8-r", "utf-8", "windows-1251"]))
+    fmt = draw(st.sampled_from(list(Format)))
+    recipients = {Format.email: EMAILS, Format.viber: HASH_IDS | PHONES}.get(fmt, PHONES)
+    subject = draw(option_values(chars))
+    if fmt == Format.email and not subject:
+        subject = "Subject"
+    options = MailOptions(
+        send_time=draw(send_times),
+        translit=draw(st.one_of(st.none(), st.sampled_from(list(Translit)))),
+        format=fmt,
+        sender=draw(senders | EMAILS if fmt == Format.email else senders),
+        test=draw(st.booleans()),
+        subject=subject,
+        voice=draw(option_values(chars)),
+    )
+    single = draw(st.booleans())
+    line = st.builds(
+        ListLine, st.lists(recipients, min_size=1, max_size=4).map(tuple), texts(chars)
+    )
+    lines = draw(st.lists(line, min_size=1, max_size=1 if single else 5))
+    return Case(
+        envelope=Envelope(
+            mail_from="worker@example.com", charset=charset, text_tags=draw(st.booleans())
+        ),
+        account=Account(draw(logins(chars)), SecretStr(draw(passwords(chars)))),
+        mail_id=draw(mail_ids),
+        options=options,
+        lines=tuple(lines),
+        single=single,
+    )
+
+
+def encode(case: Case) -> bytes:
+    if case.single:
+        (line,) = case.lines
+        return encode_single(
+            case.envelope,
+            case.account,
+            case.mail_id,
+            case.options,
+            line,
+            date=DATE,
+            message_id=MSG_ID,
+        )
+    return encode_mail(
+        case.envelope,
+        case.account,
+        case.mail_id,
+        case.options,
+        case.lines,
+        date=DATE,
+        message_id=MSG_ID,
+    )
+
+
+def expected_body(case: Case) -> DecodedBody:
+    options = case.options
+    return DecodedBody(
+        login=case.account.login,
+        password=case.account.password.get_secret_value(),
+        mail_id=case.mail_id,
+        time=options.send_time.time,
+        tz=None if options.send_time.tz is None else str(options.send_time.tz),
+        translit="" if options.translit is None else str(int(options.translit)),
+        format=str(int(options.format)),
+        sender=options.sender,
+        test="1" if options.test else "0",
+        list_mode=not case.single,
+        lines=tuple(DecodedLine(line.phones, line.text) for line in case.lines),
+        subject=options.subject,
+        voice=options.voice,
+    )
+
+
+def check_round_trip(case: Case) -> None:
+    raw = encode(case)
+    decoded = decode_mail(raw)
+    assert decoded.body == expected_body(case)
+    everything = [
+        case.account.login,
+        case.account.password.get_secret_value(),
+        case.options.sender,
+        case.options.subject or "",
+        case.options.voice or "",
+        *(line.text for line in case.lines),
+    ]
+    carried = all(fits(t, case.envelope.charset) for t in everything)
+    # The configured charset when it can carry everything; otherwise utf-8, never a
+    # lossy substitution.
+    assert decoded.charset == (case.envelope.charset if carried else "utf-8")
+    assert decoded.mail_from == case.envelope.mail_from
+    assert decoded.to == (case.envelope.gateway_address,)
+    assert decoded.message_id == MSG_ID
+    event(f"charset {decoded.charset}")
+    event("1000-character text" if any(len(x.text) == 1000 for x in case.lines) else "short texts")
+    event("single" if case.single else "list mode")
+
+
+@ROUND_TRIP
+@given(cases("koi8-r"))
+def test_round_trip_koi8r_texts(case: Case) -> None:
+    check_round_trip(case)
+
+
+@ROUND_TRIP
+@given(cases("any"))
+def test_round_trip_any_texts(case: Case) -> None:
+    # In a koi8-r envelope, whatever koi8-r cannot carry must switch the whole e-mail to
+    # utf-8 (declared in Content-Type), never be dropped or transliterated.
+    check_round_trip(case)
+
+
+HOSTILE = st.sampled_from(
+    [
+        "\n", "\n79990000000:evil", ":", "::", ",", ";", "\\", "\\\n", "subj:", "voice:",
+        "\nsubj:x", "\nvoice:y", "G1", "79990000000", "+79990000000", "[text]", "[/text]",
+        "\r\n", "\r", "\\n", "__CALL__:", "__PING__", "\u2028", "\x85", "#x", "\n\n",
+        "a@b.com", " ", "ж", "😀",
+    ]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.lists(HOSTILE, max_size=8).map("".join), min_size=1, max_size=4),
+    st.booleans(),
+    st.booleans(),
+)
+@example(["\n79990000000:evil"], True, False)
+@example(["a\\\n79990000000:evil"], False, True)
+def test_no_text_changes_the_recipients_or_the_number_of_lines(
+    texts_: list[str], single: bool, text_tags: bool
+) -> None:
+    """Texts the encoder rejects raise InvalidRequest; all others leave the recipients and
+    the line count exactly as they were."""
+    envelope = Envelope(mail_from="worker@example.com", text_tags=text_tags)
+    account = Account("alex", SecretStr("pw"))
+    options = MailOptions(subject="S")
+    if single:
+        texts_ = texts_[:1]
+    lines = [ListLine(("79991234567", f"G{i}"), text) for i, text in enumerate(texts_)]
+    try:
+        if single:
+            raw = encode_single(
+                envelope, account, "5", options, lines[0], date=DATE, message_id=MSG_ID
+            )
+        else:
+            raw = encode_mail(envelope, account, "5", options, lines, date=DATE, message_id=MSG_ID)
+    except InvalidRequest:
+        assert not all(accepted(t) for t in texts_)
+        return
+    assert all(accepted(t) for t in texts_)
+    body = decode_mail(raw).body
+    assert len(body.lines) == len(lines)
+    assert [line.phones for line in body.lines] == [line.phones for line in lines]
+    assert [line.text for line in body.lines] == texts_
+    assert body.subject == "S"
+    assert body.voice is None
+    assert (body.login, body.password, body.mail_id) == ("alex", "pw", "5")
+
+
+@settings(max_examples=200, deadline=None)
+@given(joined(st.one_of(any_char, HOSTILE), 12))
+def test_rejected_texts_raise_invalid_request_in_both_encoders(text: str) -> None:
+    """Whatever check_text refuses, both encoders refuse with InvalidRequest; whatever it
+    accepts, both send."""
+    envelope = Envelope(mail_from="worker@example.com")
+    account = Account("alex", SecretStr("pw"))
+    line = ListLine(("79991234567",), text)
+
+    def both() -> None:
+        encode_single(envelope, account, "5", MailOptions(), line, date=DATE, message_id=MSG_ID)
+        encode_mail(envelope, account, "5", MailOptions(), [line], date=DATE, message_id=MSG_ID)
+
+    if accepted(text):
+        event("accepted")
+        both()
+    else:
+        event("rejected")
+        with pytest.raises(InvalidRequest):
+            both()
+
+
+FIELDS = ("login", "password", "sender", "mail_id", "subject", "voice")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    field=st.sampled_from(FIELDS),
+    value=joined(HOSTILE | st.sampled_from("ab1"), 5),
+    text_tags=st.booleans(),
+)
+@example(field="password", value="[text]", text_tags=False)
+@example(field="login", value="a[/text]", text_tags=True)
+@example(field="subject", value="a\\nvoice:x", text_tags=False)
+def test_no_other_field_can_add_a_field_a_line_or_a_recipient(
+    field: str, value: str, text_tags: bool
+) -> None:
+    """Each field either is refused (InvalidRequest) or comes back exactly as given, and
+    the lines and their recipients stay as they were."""
+    given_ = {"login": "alex", "password": "pw", "sender": "", "mail_id": "5"}
+    given_["subject"] = given_["voice"] = "S"
+    given_[field] = value
+    try:
+        account = Account(given_["login"], SecretStr(given_["password"]))
+        options = MailOptions(
+            sender=given_["sender"], subject=given_["subject"], voice=given_["voice"]
+        )
+        raw = encode_mail(
+            Envelope(mail_from="worker@example.com", text_tags=text_tags),
+            account,
+            given_["mail_id"],
+            options,
+            [ListLine(("79991234567",), "one"), ListLine(("G1",), "two")],
+            date=DATE,
+            message_id=MSG_ID,
+        )
+    except InvalidRequest:
+        event("refused")
+        return
+    event("accepted")
+    body = decode_mail(raw).body
+    got = {
+        "login": body.login,
+        "password": body.password,
+        "sender": body.sender,
+        "mail_id": body.mail_id,
+        "subject": body.subject,
+        "voice": body.voice,
+    }
+    assert got == given_
+    assert [(line.phones, line.text) for line in body.lines] == [
+        (("79991234567",), "one"),
+        (("G1",), "two"),
+    ]
+
+
+# --- decode_body / decode_mail on their own -------------------------------------------------
+
+
+def test_decode_body_reads_the_vendor_examples() -> None:
+    body = decode_body("alex:123::::79999999999:message")
+    assert (body.login, body.password, body.mail_id, body.time, body.tz) == (
+        "alex",
+        "123",
+        "",
+        "",
+        None,
+    )
+    assert body.lines == (DecodedLine(("79999999999",), "message"),)
+    assert not body.list_mode
+    body = decode_body("alex:psw:::1,1,Alex:79999999999:message")
+    assert (body.translit, body.format, body.sender, body.test) == ("1", "1", "Alex", "")
+    body = decode_body("alex:psw:::,1,,1:79999999999;79990000000:a:b")
+    assert (body.format, body.test) == ("1", "1")
+    assert body.lines == (DecodedLine(("79999999999", "79990000000"), "a:b"),)
+
+
+def test_decode_body_list_mode_with_options() -> None:
+    body = decode_body(
+        "[TEXT]l:p:7:0112251230,3:,8,,1::a@b.c:one\\ntwo\r\nc@d.e;f@g.h:x\r\n"
+        "subj:Hello\r\nvoice:w\r\n[/TEXT]\r\n"
+    )
+    assert body.list_mode
+    assert (body.time, body.tz, body.subject, body.voice) == ("0112251230", "3", "Hello", "w")
+    assert body.lines == (
+        DecodedLine(("a@b.c",), "one\ntwo"),
+        DecodedLine(("c@d.e", "f@g.h"), "x"),
+    )
+
+
+def test_decode_body_finds_the_tags_in_the_text_as_written() -> None:
+    # "İ".lower() is two characters: offsets taken from a lowered copy would cut the text.
+    body = decode_body("[text]l:p:1::,0,,1:79991234567:İİİ x[/text]")
+    assert body.lines[0].text == "İİİ x"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "\r\n\r\n",
+        "l:p:1::,0,,1",
+        "l:p:1::a,b,c,d,e:7999:x",
+        "l:p:1::,0,,1:7999:x\r\nextra line",
+        "l:p:1::,0,,1::7999:x\r\nline without colon",
+    ],
+)
+def test_malformed_bodies(text: str) -> None:
+    with pytest.raises(MalformedMail):
+        decode_body(text)
+
+
+def test_split_phones_takes_commas_and_semicolons() -> None:
+    assert split_phones("7999, 7888;G1;;") == ("7999", "7888", "G1")
+
+
+def test_decode_mail_reads_a_multipart_mail() -> None:
+    raw = (
+        b"From: a@b.c\r\nTo: send@send.smscentre.com\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/alternative; boundary="XX"\r\n\r\n'
+        b"--XX\r\nContent-Type: text/html\r\n\r\n<p>no</p>\r\n"
+        b'--XX\r\nContent-Type: text/plain; charset="utf-8"\r\n\r\n'
+        + "l:p:1::,0,,1:79991234567:Привет\r\n".encode()
+        + b"--XX--\r\n"
+    )
+    decoded = decode_mail(raw)
+    assert decoded.charset == "utf-8"
+    assert decoded.body.lines == (DecodedLine(("79991234567",), "Привет"),)
+
+
+def test_decode_mail_without_a_charset_uses_koi8r() -> None:
+    raw = b"From: a@b.c\r\nTo: x@y.z\r\n\r\n" + "l:p:1::,0,,1:7999:Привет\r\n".encode("koi8-r")
+    decoded = decode_mail(raw)
+    assert decoded.charset == "koi8-r"
+    assert decoded.body.lines[0].text == "Привет"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"From: a@b.c\r\nContent-Type: text/plain; charset=bogus\r\n\r\nl:p:1::,0,,1:7:x\r\n",
+        b"From: a@b.c\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nl:p:1::,0,,1:7:\xff\r\n",
+        b"From: a@b.c\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+        b"Content-Type: text/html\r\n\r\nx\r\n--B--\r\n",
+    ],
+)
+def test_decode_mail_refuses_unreadable_mails(raw: bytes) -> None:
+    with pytest.raises(MalformedMail):
+        decode_mail(raw)

@@ -1,0 +1,147 @@
+"""Prometheus metrics of one Service.
+
+Each Service has its own `CollectorRegistry` rather than prometheus_client's global one:
+several services in one process (the tests run many) would otherwise share counters and
+refuse to register the same names twice. `worker.health` serves it on `/metrics`.
+
+Outcomes are counted from the result events as they are confirmed (`published`), so the
+counters agree with what the callers were told; the rest is fed by `worker.telemetry`'s
+hooks around the SMTP submission and the gateway's replies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from worker.contract import ResultEvent, Status
+from worker.limits import Circuit, CircuitState
+
+# Added to every request on receipt (unless a previous attempt did), in epoch milliseconds:
+# retry and deferral copies keep it, so the latencies below run from the first receipt.
+# An integer because AMQP field tables carry Python floats as 32-bit floats.
+RECEIVED_HEADER = "x-smsc-received-ms"
+
+# From a batch flush (tens of ms) to a request that waited out retries (up to max_age_s).
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+BATCH_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+LINE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
+BYTE_BUCKETS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 102400)
+
+
+def received_at(headers: Mapping[str, Any]) -> float | None:
+    """When the worker first received a request (epoch seconds), from its headers."""
+    value = headers.get(RECEIVED_HEADER)
+    return value / 1000 if isinstance(value, int) else None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.results = Counter(
+            "smsc_request_results",
+            "Result events published (and confirmed), by status",
+            ["status"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "smsc_retries",
+            "Requests scheduled for another attempt, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.deferrals = Counter(
+            "smsc_deferrals",
+            "Requests held back for a limit or a paused account, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.emails = Counter(
+            "smsc_emails", "E-mails submitted over SMTP, by outcome", ["outcome"], registry=r
+        )
+        self.email_lines = Histogram(
+            "smsc_email_lines",
+            "Lines (requests) per submitted e-mail",
+            buckets=LINE_BUCKETS,
+            registry=r,
+        )
+        self.email_bytes = Histogram(
+            "smsc_email_bytes", "Size of each submitted e-mail", buckets=BYTE_BUCKETS, registry=r
+        )
+        self.sms_parts = Counter(
+            "smsc_sms_parts", "SMS parts (times recipients) handed to the gateway", registry=r
+        )
+        self.gateway_errors = Counter(
+            "smsc_gateway_errors",
+            "Error replies from the gateway, by error number",
+            ["error"],
+            registry=r,
+        )
+        self.circuit = Gauge(
+            "smsc_circuit_state", "1 for the circuit breaker's current state", ["state"], registry=r
+        )
+        self.to_submitted = Histogram(
+            "smsc_request_to_submitted_seconds",
+            "From the first receipt of a request to its e-mail being handed to the gateway",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.to_accepted = Histogram(
+            "smsc_request_to_accepted_seconds",
+            "From the first receipt of a request to the gateway's OK for its e-mail",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_wait = Histogram(
+            "smsc_batch_wait_seconds",
+            "From an e-mail's first request to the e-mail being closed for sending",
+            buckets=BATCH_WAIT_BUCKETS_S,
+            registry=r,
+        )
+        # Zeros from the start: a rate over a series that appears late misses its first step.
+        for status in Status:
+            self.results.labels(status.value)
+
+    def watch(self, circuit: Circuit) -> None:
+        """Read the circuit's state at each scrape."""
+
+        def is_in(state: CircuitState) -> float:
+            return 1.0 if circuit.state == state else 0.0
+
+        for state in CircuitState:
+            self.circuit.labels(state.value).set_function(partial(is_in, state))
+
+    def published(self, events: Sequence[ResultEvent]) -> None:
+        for event in events:
+            self.results.labels(event.status.value).inc()
+            reason = event.error.code if event.error else ""
+            if event.status == Status.retrying:
+                self.retries.labels(reason).inc()
+            elif event.status == Status.deferred:
+                self.deferrals.labels(reason).inc()
+            elif event.status in (Status.submitted, Status.unknown):
+                self.sms_parts.inc(event.sms_count or 0)
+
+    def mail(self, outcome: str, lines: int, size: int) -> None:
+        self.emails.labels(outcome).inc()
+        self.email_lines.observe(lines)
+        self.email_bytes.observe(size)
+
+    def submitted(self, requests: Iterable[Mapping[str, Any]]) -> None:
+        _since_receipt(self.to_submitted, requests)
+
+    def accepted(self, requests: Iterable[Mapping[str, Any]]) -> None:
+        _since_receipt(self.to_accepted, requests)
+
+
+def _since_receipt(histogram: Histogram, requests: Iterable[Mapping[str, Any]]) -> None:
+    now = time.time()
+    for headers in requests:
+        received = received_at(headers)
+        if received is not None:
+            histogram.observe(max(now - received, 0.0))
