@@ -68,11 +68,20 @@ async def delete_topology(amqp: AmqpSettings) -> None:
             await channel.exchange_delete(name)
 
 
-def make_settings(amqp: AmqpSettings, reply_port: int, smtp_port: int, **groups: Any) -> Settings:
+def make_settings(
+    amqp: AmqpSettings,
+    reply_port: int,
+    smtp_port: int,
+    reply: dict[str, Any] | None = None,
+    **groups: Any,
+) -> Settings:
+    """Settings for a test worker; `reply` adds to the reply receiver's test settings."""
     base: dict[str, Any] = {
         "amqp": amqp,
         "smtp": SmtpSettings(host="127.0.0.1", port=smtp_port, timeout_s=5, submit_deadline_s=10),
-        "reply": ReplySettings(host="127.0.0.1", port=reply_port, address="replies@worker.test"),
+        "reply": ReplySettings(
+            host="127.0.0.1", port=reply_port, address="replies@worker.test", **(reply or {})
+        ),
         "batch": BatchSettings(max_wait_ms=30),
         "limits": LimitSettings(mails_per_second=1000, parts_per_second=100_000),
         "retry": RetrySettings(base_delay_s=1, max_delay_s=2),
@@ -177,7 +186,7 @@ async def gateway_and_worker(
     amqp: AmqpSettings, emulator_config: dict[str, Any] | None = None, **groups: Any
 ) -> AsyncIterator[tuple[Emulator, Service]]:
     reply_port = free_port()
-    config = EmulatorConfig(reply_relay=("127.0.0.1", reply_port), **(emulator_config or {}))
+    config = EmulatorConfig(**{"reply_relay": ("127.0.0.1", reply_port), **(emulator_config or {})})
     async with Emulator(config) as emulator:
         settings = make_settings(amqp, reply_port, emulator.port, **groups)
         async with Service(settings) as service:

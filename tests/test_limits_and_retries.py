@@ -202,3 +202,99 @@ async def test_a_request_redelivered_after_a_broker_side_close_is_not_sent_again
     assert emulator.delivered(phone(1), "exactly once") == 1
     rejected = [e for e in results.of("once-only") if e.status == Status.rejected]
     assert [e.error.code for e in rejected if e.error] == ["duplicate"]
+
+
+async def test_an_unknown_outcome_is_reported_and_never_resent(amqp: AmqpSettings) -> None:
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, retry=FAST_RETRY) as (emulator, _),
+    ):
+        emulator.faults.drop_after_dot(1)
+        await broker.publish({"request_id": "maybe", "to": phone(1), "text": "sent or not?"})
+        await results.wait_until(lambda: Status.accepted in results.statuses("maybe"))
+        await asyncio.sleep(2)
+        queue = await broker.channel.declare_queue(amqp.requests_queue, passive=True)
+        left = queue.declaration_result.message_count
+
+    assert results.statuses("maybe") == [Status.unknown, Status.accepted]
+    unknown = results.of("maybe")[0]
+    assert unknown.error is not None and unknown.error.code == "outcome_unknown"
+    assert emulator.delivered(phone(1), "sent or not?") == 1
+    assert left == 0
+
+
+async def test_an_unknown_outcome_without_a_reply_fails_without_a_resend(
+    amqp: AmqpSettings,
+) -> None:
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, {"reply_relay": None}, reply={"timeout_s": 1.0}) as (emulator, _),
+    ):
+        emulator.faults.drop_after_dot(1)
+        await broker.publish({"request_id": "silent", "to": phone(1), "text": "no answer"})
+        await results.wait_until(lambda: Status.failed in results.statuses("silent"), 20)
+
+    assert results.statuses("silent") == [Status.unknown, Status.failed]
+    failed = results.of("silent")[-1]
+    assert failed.error is not None and failed.error.code == "outcome_unknown"
+    assert not failed.error.retryable
+    assert emulator.delivered(phone(1), "no answer") == 1
+
+
+async def test_retries_give_up_after_max_attempts_and_dead_letter(amqp: AmqpSettings) -> None:
+    retry = RetrySettings(max_attempts=2, base_delay_s=0.5, max_delay_s=1)
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, retry=retry) as (emulator, _),
+    ):
+        await emulator.faults.refuse_connections()
+        await broker.publish({"request_id": "doomed", "to": phone(1), "text": "x"})
+        await results.wait_until(lambda: Status.failed in results.statuses("doomed"), 30)
+        dead = await broker.dead_letters(1)
+
+    assert results.statuses("doomed") == [Status.retrying, Status.failed]
+    failed = results.of("doomed")[-1]
+    assert failed.error is not None and failed.error.code == "retries_exhausted"
+    assert failed.attempt == 2
+    assert [m.headers["x-smsc-error-code"] for m in dead] == ["retries_exhausted"]
+    assert emulator.deliveries == []
+
+
+async def test_error_9_waits_out_the_window_and_retries(amqp: AmqpSettings) -> None:
+    # The worker's own window is set shorter than the gateway's, so the gateway's rule trips.
+    limits = WORKER_LIMITS.model_copy(update={"identical_window_s": 0.2})
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, {"duplicate_window_s": 3.0}, limits=limits, retry=FAST_RETRY) as (
+            emulator,
+            _,
+        ),
+    ):
+        ids = [f"copy-{n}" for n in range(3)]
+        for request_id in ids:
+            await broker.publish({"request_id": request_id, "to": phone(1), "text": "same"})
+            await results.wait_until(lambda r=request_id: Status.submitted in results.statuses(r))
+        await results.wait_until(lambda: accepted_once(results, ids), 30)
+
+    assert emulator.errors[9] >= 1
+    assert emulator.errors[9] <= 4, "retried faster than the window"
+    assert Status.retrying in results.statuses("copy-2")
+    assert emulator.delivered(phone(1), "same") == 3
+
+
+async def test_error_3_pauses_the_account_and_says_why(amqp: AmqpSettings) -> None:
+    retry = FAST_RETRY.model_copy(update={"funds_pause_s": 1.0})
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, {"balance": 0}, retry=retry) as (emulator, service),
+    ):
+        await broker.publish({"request_id": "broke", "to": phone(1), "text": "x"})
+        await results.wait_until(lambda: Status.deferred in results.statuses("broke"))
+        assert not service.ready
+        await asyncio.sleep(3)
+
+    deferred = [e for e in results.of("broke") if e.status == Status.deferred]
+    assert deferred[0].error is not None and deferred[0].error.gateway_error == 3
+    assert Status.failed not in results.statuses("broke")
+    assert 1 <= emulator.errors[3] <= 4
+    assert emulator.deliveries == []

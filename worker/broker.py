@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aio_pika
@@ -27,6 +28,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
 
 from worker.contract import ResultEvent
 from worker.settings import AmqpSettings
@@ -38,6 +40,8 @@ FIRST_SEEN_HEADER = "x-smsc-first-seen"
 GROUP_HEADER = "x-smsc-group"
 ERROR_CODE_HEADER = "x-smsc-error-code"
 ERROR_HEADER = "x-smsc-error"
+PUBLISH_ATTEMPTS = 3
+Publish = Callable[[], Awaitable[object]]
 RETRY_TIERS_S = tuple(1 << n for n in range(11))  # 1 s .. 1024 s
 
 
@@ -234,17 +238,27 @@ class Broker:
     def is_connected(self) -> bool:
         return self.connection is not None and not self.connection.is_closed
 
-    async def _confirmed(self, publishes: list[Any]) -> None:
-        """Await a set of publishes together (confirms pipelined), within the deadline."""
+    async def _confirmed(self, publishes: list[Publish]) -> None:
+        """Await a set of publishes together (confirms pipelined), within the deadline.
+
+        A set that is not confirmed in time (a reconnect, a lost confirm) is published again
+        a few times before the caller hears of it; a consumer may then see an event twice,
+        which its stable `event_id` lets it drop."""
         if not publishes:
             return
-        async with asyncio.timeout(self.settings.publish_timeout_s):
-            await asyncio.gather(*publishes)
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(PUBLISH_ATTEMPTS),
+            wait=wait_random_exponential(multiplier=0.2, max=2),
+            reraise=True,
+        ):
+            with attempt:
+                async with asyncio.timeout(self.settings.publish_timeout_s):
+                    await asyncio.gather(*(publish() for publish in publishes))
 
     async def publish_events(self, outgoing: Iterable[Outgoing]) -> None:
         """Publish every event with a confirm; raise if any is not confirmed in time."""
         assert self.results is not None and self._publish_channel is not None
-        publishes = []
+        publishes: list[Publish] = []
         events = []
         default = self._publish_channel.default_exchange
         for item in outgoing:
@@ -259,9 +273,11 @@ class Broker:
                 type=f"sms.result.{item.event.status.value}",
                 headers=dict(item.headers or {}),
             )
-            publishes.append(self.results.publish(message, routing_key=item.event.routing_key))
+            publishes.append(
+                partial(self.results.publish, message, routing_key=item.event.routing_key)
+            )
             if item.reply_to:
-                publishes.append(default.publish(message, routing_key=item.reply_to))
+                publishes.append(partial(default.publish, message, routing_key=item.reply_to))
         await self._confirmed(publishes)
         if self._published is not None:
             self._published(events)
@@ -269,8 +285,9 @@ class Broker:
     async def dead_letter(self, items: Iterable[tuple[RequestCopy, str, str]]) -> None:
         """Copy each request to the dead-letter exchange with the reason in its headers."""
         assert self.dead_letters is not None
-        publishes = [
-            self.dead_letters.publish(
+        publishes: list[Publish] = [
+            partial(
+                self.dead_letters.publish,
                 copy.to_message({ERROR_CODE_HEADER: code, ERROR_HEADER: reason[:1000]}),
                 routing_key=self.settings.requests_queue,
             )
@@ -284,13 +301,13 @@ class Broker:
         in this process's memory."""
         assert self._publish_channel is not None
         default = self._publish_channel.default_exchange
-        publishes = []
+        publishes: list[Publish] = []
         for copy, delay_s, headers in items:
             if delay_s <= 0:
                 target = self.settings.requests_queue
             else:
                 target = retry_queue_name(self.settings, retry_tier(delay_s))
-            publishes.append(default.publish(copy.to_message(headers), routing_key=target))
+            publishes.append(partial(default.publish, copy.to_message(headers), routing_key=target))
         await self._confirmed(publishes)
 
     def consuming_queue(self) -> AbstractQueue:

@@ -128,6 +128,7 @@ class Service:
         self._batch_added = asyncio.Event()
         self._submitting: dict[str, asyncio.Future[None]] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.draining = False
         self.account_stopped = False
@@ -154,6 +155,7 @@ class Service:
         )
         await self.broker.connect()
         self._flusher = asyncio.create_task(self._flush_when_due())
+        self._sweeper = asyncio.create_task(self._expire_unanswered())
         self._consumer_tag = await self.broker.consuming_queue().consume(
             self.telemetry.consumer(self._on_message)
         )
@@ -205,8 +207,9 @@ class Service:
             if late:
                 log.error("%d submissions still running after %.0f s", len(late), timeout)
         await self._await_replies(deadline)
-        if self._flusher is not None:
-            self._flusher.cancel()
+        for background in (self._flusher, self._sweeper):
+            if background is not None:
+                background.cancel()
         if self._reply_server is not None:
             self._reply_server.close()
         if self._smtp is not None:
@@ -214,6 +217,33 @@ class Service:
         await self.broker.close()
         self._stopped.set()
         log.info("stopped")
+
+    async def _expire_unanswered(self) -> None:
+        """A reply that never comes must not keep a record forever. An e-mail that was
+        accepted stays `submitted`; one whose fate is unknown is reported `failed`, never
+        resent, since it may have gone out."""
+        timeout = self.settings.reply.timeout_s
+        while True:
+            await asyncio.sleep(min(timeout / 4, 60))
+            for stale in await self.store.unanswered(time.time() - timeout):
+                record = await self.store.take_mail(stale.mail_id)
+                if record is None:
+                    continue
+                if not record.outcome_unknown:
+                    log.warning("no reply to e-mail %s within %.0f s", record.mail_id, timeout)
+                    continue
+                message = (
+                    f"no reply to e-mail {record.mail_id} within {timeout:.0f} s after its "
+                    "SMTP session broke; it may or may not have been sent, and is not resent"
+                )
+                log.error(message)
+                try:
+                    await self._reply_events(
+                        record, Status.failed, _error("outcome_unknown", message, False)
+                    )
+                except Exception:
+                    log.exception("could not report e-mail %s as failed", record.mail_id)
+                    await self.store.remember_mail(record)
 
     async def _await_replies(self, deadline: float) -> None:
         """Replies to e-mails already sent can only be matched by this process (its state
@@ -508,6 +538,7 @@ class Service:
                 tuple(p.carried() for p in live),
                 time.time(),
                 trace=self.telemetry.carrier(),
+                outcome_unknown=unknown,
             )
         )
         status = Status.unknown if unknown else Status.submitted

@@ -93,6 +93,9 @@ class ReplySettings(_Group):
         "smsc-replies@localhost",
         description="From of every e-mail; replies come back to local+<mail id>@domain",
     )
+    timeout_s: float = Field(
+        900.0, gt=0, description="how long to wait for the gateway's reply to an e-mail"
+    )
 
     @field_validator("address")
     @classmethod

@@ -42,6 +42,8 @@ class MailRecord:
     # The submission span's context as W3C trace headers, for the reply's span to link to;
     # plain strings, so that a shared store can keep them as well.
     trace: Mapping[str, str] = field(default_factory=dict)
+    # The SMTP session broke after the data went out: only a reply can tell what happened.
+    outcome_unknown: bool = False
 
 
 class StateStore(Protocol):
