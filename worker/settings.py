@@ -79,6 +79,7 @@ class SmtpSettings(_Group):
     host: str = "send.smscentre.com"
     port: int = Field(25, ge=1, le=65535)
     security: Literal["none", "starttls", "tls"] = "none"
+    ca_file: str = Field("", description="CA bundle to verify the server; empty: the system's")
     username: str = ""
     password: SecretStr = SecretStr("")
     timeout_s: float = Field(30.0, gt=0, description="per socket operation")

@@ -62,7 +62,11 @@ class GatewaySmtp:
             timeout=s.timeout_s,
             use_tls=s.security == "tls",
             start_tls=s.security == "starttls",
-            tls_context=ssl.create_default_context() if s.security != "none" else None,
+            tls_context=(
+                ssl.create_default_context(cafile=s.ca_file or None)
+                if s.security != "none"
+                else None
+            ),
             username=s.username or None,
             password=s.password.get_secret_value() or None,
         )
@@ -87,19 +91,32 @@ class GatewaySmtp:
                 except (aiosmtplib.SMTPException, OSError, TimeoutError):
                     client.close()
 
+    @staticmethod
+    def _mail_options(client: aiosmtplib.SMTP) -> list[str]:
+        return ["BODY=8BITMIME"] if client.supports_extension("8bitmime") else []
+
     async def submit(self, mail_from: str, recipient: str, message: bytes) -> SubmitResult:
         """Send one e-mail within the overall deadline and say what became of it."""
         client = await self._idle.get()
         data_sent = False
         try:
             async with asyncio.timeout(self._settings.submit_deadline_s):
-                if not client.is_connected:
-                    await client.connect()
-                options = ["BODY=8BITMIME"] if client.supports_extension("8bitmime") else []
-                await client.mail(mail_from, options=options)
-                await client.rcpt(recipient)
-                data_sent = True
-                await client.data(message)
+                for fresh in (not client.is_connected, True):
+                    try:
+                        if not client.is_connected:
+                            await client.connect()
+                        await client.mail(mail_from, options=self._mail_options(client))
+                        await client.rcpt(recipient)
+                        data_sent = True
+                        await client.data(message)
+                        break
+                    except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                        # A connection the server closed while idle fails at its first
+                        # command: one fresh connection tells whether the server is gone.
+                        if fresh or data_sent:
+                            raise
+                        client.close()
+                        client = self._new_client()
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             result = _classify(exc, data_sent)
             # A half-dead client can hang in connect(): drop it for a fresh one.

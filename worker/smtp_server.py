@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from ssl import SSLContext
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
@@ -21,10 +22,12 @@ async def serve_smtp(
     port: int,
     *,
     smtp_class: type[SMTP] = SMTP,
+    ssl: SSLContext | None = None,
     **smtp_kwargs: Any,
 ) -> asyncio.Server:
     """Listen on host:port (0: any free port; read it from `server.sockets[0]`) with one
-    `smtp_class(handler, **smtp_kwargs)` per connection. Close with `server.close()`.
+    `smtp_class(handler, **smtp_kwargs)` per connection, over implicit TLS when `ssl` is
+    given. Close with `server.close()`.
 
     Give one address for `host`: a name such as `localhost` may bind IPv4 and IPv6, each
     on a different free port when `port` is 0."""
@@ -33,4 +36,4 @@ async def serve_smtp(
     # lookup that can stall the loop for seconds where DNS is slow.
     smtp_kwargs.setdefault("hostname", socket.gethostname())
     smtp_kwargs.setdefault("loop", loop)
-    return await loop.create_server(lambda: smtp_class(handler, **smtp_kwargs), host, port)
+    return await loop.create_server(lambda: smtp_class(handler, **smtp_kwargs), host, port, ssl=ssl)

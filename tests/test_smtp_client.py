@@ -1,0 +1,154 @@
+"""The SMTP client against real servers: plain, STARTTLS and implicit TLS, with and without
+AUTH, and what it makes of failures."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from aiosmtpd.smtp import AuthResult, LoginPassword
+from pydantic import SecretStr
+
+from worker.emulator.config import EmulatorConfig
+from worker.emulator.server import Emulator
+from worker.settings import SmtpSettings
+from worker.smtp_client import GatewaySmtp, Outcome
+from worker.smtp_server import serve_smtp
+
+MAIL = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: \r\n\r\nhello\r\n"
+USER, PASSWORD = "worker", "smtp-pass-123"
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.messages.append(envelope.original_content)
+        return "250 OK"
+
+
+def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+    ok = isinstance(data, LoginPassword) and (data.login, data.password) == (
+        USER.encode(),
+        PASSWORD.encode(),
+    )
+    return AuthResult(success=ok)
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+def server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+@asynccontextmanager
+async def smtp_server(inbox: Inbox, **kwargs: Any) -> AsyncIterator[int]:
+    server = await serve_smtp(inbox, "127.0.0.1", 0, **kwargs)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+def client(port: int, **settings: Any) -> GatewaySmtp:
+    return GatewaySmtp(SmtpSettings(host="127.0.0.1", port=port, timeout_s=5, **settings))
+
+
+async def test_starttls_with_auth_delivers(ca: trustme.CA, ca_file: str) -> None:
+    inbox = Inbox()
+    async with smtp_server(
+        inbox,
+        tls_context=server_context(ca),
+        require_starttls=True,
+        authenticator=authenticate,
+        auth_required=True,
+    ) as port:
+        settings = {"security": "starttls", "ca_file": ca_file, "username": USER}
+        async with client(port, password=SecretStr(PASSWORD), **settings) as smtp:
+            first = await smtp.submit("a@example.org", "b@example.org", MAIL)
+            second = await smtp.submit("a@example.org", "b@example.org", MAIL)
+        async with client(port, password=SecretStr("wrong"), **settings) as smtp:
+            refused = await smtp.submit("a@example.org", "b@example.org", MAIL)
+
+    assert (first.outcome, second.outcome) == (Outcome.accepted, Outcome.accepted)
+    assert len(inbox.messages) == 2
+    assert refused.outcome != Outcome.accepted
+    assert "wrong" not in refused.detail
+
+
+async def test_implicit_tls_delivers_and_an_unknown_ca_is_refused(
+    ca: trustme.CA, ca_file: str
+) -> None:
+    inbox = Inbox()
+    async with smtp_server(inbox, ssl=server_context(ca)) as port:
+        async with client(port, security="tls", ca_file=ca_file) as smtp:
+            trusted = await smtp.submit("a@example.org", "b@example.org", MAIL)
+        async with client(port, security="tls") as smtp:
+            untrusted = await smtp.submit("a@example.org", "b@example.org", MAIL)
+
+    assert trusted.outcome == Outcome.accepted
+    assert untrusted.outcome == Outcome.transient
+    assert len(inbox.messages) == 1
+
+
+async def test_plain_client_against_a_server_that_requires_starttls_is_refused(
+    ca: trustme.CA,
+) -> None:
+    inbox = Inbox()
+    async with (
+        smtp_server(inbox, tls_context=server_context(ca), require_starttls=True) as port,
+        client(port) as smtp,
+    ):
+        result = await smtp.submit("a@example.org", "b@example.org", MAIL)
+    assert result.outcome == Outcome.permanent
+    assert inbox.messages == []
+
+
+async def test_a_connection_the_server_dropped_is_replaced_without_a_failure() -> None:
+    async with Emulator(EmulatorConfig()) as emulator, client(emulator.port) as smtp:
+        first = await smtp.submit("a@example.org", "send@send.smscentre.com", MAIL)
+        await emulator.faults.refuse_connections(drop_open=True)
+        await emulator.faults.accept_connections()
+        second = await smtp.submit("a@example.org", "send@send.smscentre.com", MAIL)
+    # Not gateway mail, so the emulator answers with a reply error, but SMTP took both.
+    assert (first.outcome, second.outcome) == (Outcome.accepted, Outcome.accepted)
+    assert len(emulator.mails) == 2
+
+
+async def test_failures_are_classified_by_what_is_known_about_the_mail() -> None:
+    async with Emulator(EmulatorConfig()) as emulator, client(emulator.port) as smtp:
+        emulator.faults.fail_data(451)
+        temporary = await smtp.submit("a@example.org", "send@send.smscentre.com", MAIL)
+        emulator.faults.fail_data(554)
+        permanent = await smtp.submit("a@example.org", "send@send.smscentre.com", MAIL)
+        emulator.faults.drop_mid_data()
+        dropped_mid_data = await smtp.submit("a@example.org", "send@send.smscentre.com", MAIL)
+        emulator.faults.drop_after_dot()
+        dropped_after_dot = await smtp.submit("a@example.org", "send@send.smscentre.com", MAIL)
+        await emulator.faults.refuse_connections()
+        refused = await smtp.submit("a@example.org", "send@send.smscentre.com", MAIL)
+
+    assert temporary.outcome == Outcome.transient and temporary.code == 451
+    assert permanent.outcome == Outcome.permanent and permanent.code == 554
+    # Once the data has started, a broken connection leaves the mail's fate unknown.
+    assert dropped_mid_data.outcome == Outcome.unknown
+    assert dropped_after_dot.outcome == Outcome.unknown
+    assert refused.outcome == Outcome.transient
