@@ -182,7 +182,8 @@ def free_port() -> int:
 
 
 async def child_baseline(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
-    """The bare loop: consume, publish one confirmed result per message, ack."""
+    """The bare loop: consume, publish one confirmed result per message (or two, like the
+    worker's `submitted` and `accepted`, with `--baseline-events 2`), ack."""
     connection = await aio_pika.connect(spec["url"])
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -190,24 +191,27 @@ async def child_baseline(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
         exchange = await channel.get_exchange(spec["exchange"])
         queue = await channel.get_queue(spec["queue"])
 
+        statuses = ("submitted", "accepted")[: spec["events"]]
+
         async def on_message(message: AbstractIncomingMessage) -> None:
             request = json.loads(message.body)
-            event = {
-                "event_id": str(uuid.uuid4()),
-                "request_id": request["request_id"],
-                "status": "submitted",
-                "recipients": [request["to"]],
-                "timestamp": time.time(),
-                "metadata": request.get("metadata", {}),
-            }
-            await exchange.publish(
-                aio_pika.Message(
-                    json.dumps(event).encode(),
-                    content_type="application/json",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                ),
-                routing_key="sms.result.submitted",
-            )
+            for status in statuses:
+                event = {
+                    "event_id": str(uuid.uuid4()),
+                    "request_id": request["request_id"],
+                    "status": status,
+                    "recipients": [request["to"]],
+                    "timestamp": time.time(),
+                    "metadata": request.get("metadata", {}),
+                }
+                await exchange.publish(
+                    aio_pika.Message(
+                        json.dumps(event).encode(),
+                        content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key=f"sms.result.{status}",
+                )
             await message.ack()
 
         await ready_then_go(meter)
@@ -540,6 +544,7 @@ async def run_phase(kind: str, args: argparse.Namespace, run: int) -> dict[str, 
     spec: dict[str, Any] = {
         "url": args.url,
         "prefetch": args.prefetch,
+        "events": args.baseline_events,
         "queue": topology.queue,
         "exchange": topology.exchange,
         "settings": groups,
@@ -547,7 +552,7 @@ async def run_phase(kind: str, args: argparse.Namespace, run: int) -> dict[str, 
         "tracemalloc": args.tracemalloc,
         "profile": str(profile) if profile else None,
     }
-    results = Results(n, need_accepted=kind == "worker")
+    results = Results(n, need_accepted=kind == "worker" or args.baseline_events == 2)
     children: list[Child] = []
     gateway: Child | None = None
     report: dict[str, Any] | None = None
@@ -635,9 +640,7 @@ def summarize_phase(
         "elapsed_s": elapsed,
         "throughput_rps": len(submitted) / elapsed if elapsed else None,
         "accepted_elapsed_s": accepted_elapsed,
-        "accepted_throughput_rps": len(accepted) / accepted_elapsed
-        if accepted_elapsed and worker
-        else None,
+        "accepted_throughput_rps": len(accepted) / accepted_elapsed if accepted_elapsed else None,
         "emails": mails if worker else None,
         "emulator_mails": report.get("emulator_mails"),
         "emails_per_1000": 1000 * mails / len(submitted) if worker and submitted else None,
@@ -732,9 +735,8 @@ def print_table(document: dict[str, Any]) -> None:
         f"smtp connections={w['smtp']['connections']}; amqp prefetch={w['amqp']['prefetch']}; "
         f"gateway emulator {EMULATOR_PLACES[meta['emulator']]}"
     )
-    print(
-        f"baseline: prefetch {meta['baseline_prefetch']}, one confirmed publish + ack per message"
-    )
+    events = "one confirmed publish" if meta["baseline_events"] == 1 else "two confirmed publishes"
+    print(f"baseline: prefetch {meta['baseline_prefetch']}, {events} + ack per message")
     print()
     print(f"{'':42}{'baseline':>12}{'worker':>12}{'worker/baseline':>18}")
     for key, label in FIGURES:
@@ -792,6 +794,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="publish at this many req/s while consuming instead of pre-loading "
         "(for latency; throughput is then capped by the rate)",
+    )
+    parser.add_argument(
+        "--baseline-events",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="results the baseline publishes per message: 1 (default), or 2 like the "
+        "worker's submitted + accepted",
     )
     parser.add_argument("--timeout", type=float, default=45.0, help="seconds per phase at most")
     parser.add_argument("--prefetch", type=int, default=2000, help="unacked messages per consumer")
@@ -855,6 +865,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "rate": args.rate,
             "rabbitmq": args.url.rpartition("@")[2].rstrip("/"),
             "baseline_prefetch": args.prefetch,
+            "baseline_events": args.baseline_events,
             "worker": worker_groups(args, {}),
             "emulator": args.emulator,
             "tracemalloc": args.tracemalloc,

@@ -7,8 +7,9 @@
 - a circuit that pauses all sending after the gateway blocks the IP (error 4) or the
   account runs out of funds (error 3), then lets one probe through.
 
-`Limits` is the single place this state lives; like `StateStore` it is per process
-until a shared implementation replaces it.
+The counting rules (`ContentWindow`, `SubscriberStreaks`) are kept by the `StateStore`,
+with the rest of the state a shared implementation will hold; `Limits` keeps what is
+rightly per process: the pace of this process's sending and its circuit.
 """
 
 from __future__ import annotations
@@ -158,43 +159,18 @@ class Circuit:
 
 
 class Limits:
+    """This process's pace and circuit."""
+
     def __init__(
         self,
         limits: LimitSettings,
         retry: RetrySettings,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._clock = clock
-        self._identical = ContentWindow(limits.identical_per_window, limits.identical_window_s)
-        self._streaks = SubscriberStreaks(limits.subscriber_streak, limits.subscriber_gap_s)
         self._mails = AsyncLimiter(limits.mails_per_second, 1)
         self._parts = AsyncLimiter(limits.parts_per_second, 1)
         self._parts_max = limits.parts_per_second
         self.circuit = Circuit(retry.circuit_base_s, retry.circuit_max_s, clock)
-        self._admitted = 0
-
-    def admit(self, content_key: Hashable, subscribers: tuple[str, ...]) -> Admission:
-        """Whether a request may join an e-mail now; if so, it is counted as sent."""
-        now = self._clock()
-        wait = self._identical.wait(content_key, now)
-        if wait > 0:
-            return Admission(wait, "identical_content")
-        streak_wait = max((self._streaks.wait(s, now) for s in subscribers), default=0.0)
-        if streak_wait > 0:
-            return Admission(streak_wait, "subscriber_flood")
-        self._identical.record(content_key, now)
-        for subscriber in subscribers:
-            self._streaks.record(subscriber, now)
-        self._admitted += 1
-        if self._admitted % 10_000 == 0:
-            self._identical.prune(now)
-            self._streaks.prune(now)
-        return Admission(0.0)
-
-    def refund(self, content_key: Hashable) -> None:
-        """The gateway took nothing of an admitted request (the e-mail failed as a whole):
-        it does not count as a copy. Streaks are left as they are, which errs on the safe side."""
-        self._identical.forget_latest(content_key)
 
     async def pace(self, parts: int) -> None:
         """Wait for the account's e-mail and SMS-part budget for one e-mail."""

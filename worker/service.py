@@ -110,7 +110,7 @@ class Service:
         self.settings = settings
         self.telemetry = Telemetry(settings, tracer_provider)
         self.broker = Broker(settings.amqp, published=self.telemetry.published)
-        self.store: StateStore = store or MemoryStateStore(settings.limits.dedup_ttl_s)
+        self.store: StateStore = store or MemoryStateStore(settings.limits)
         self.limits = Limits(settings.limits, settings.retry)
         self.telemetry.watch(self.limits.circuit)
         self._account = Account(settings.gateway.login, settings.gateway.password)
@@ -295,7 +295,7 @@ class Service:
                 message, request, "duplicate", "request_id was already sent", dead_letter=False
             )
             return
-        admission = self.limits.admit(
+        admission = await self.store.admit(
             prepared.content_key, tuple(r.key for r in prepared.recipients)
         )
         if admission.wait > 0:
@@ -594,7 +594,7 @@ class Service:
         give_up: list[Pending] = []
         for pending, message in items:
             await self.store.release(pending.request.request_id)
-            self.limits.refund(pending.prepared.content_key)
+            await self.store.refund(pending.prepared.content_key)
             next_attempt = pending.attempt + 1
             age = time.time() - pending.first_seen
             if next_attempt > r.max_attempts or age > r.max_age_s:
@@ -745,7 +745,7 @@ class Service:
     ) -> None:
         for carried in record.requests:
             await self.store.release(carried.request_id)
-            self.limits.refund(carried.content_key)
+            await self.store.refund(carried.content_key)
         await self.broker.delay((r.copy, delay, {}) for r in record.requests)
         await self._reply_events(record, status, _error(code, text, True, number))
 
@@ -760,7 +760,7 @@ class Service:
         middle = len(requests) // 2
         for carried in requests:
             await self.store.release(carried.request_id)
-            self.limits.refund(carried.content_key)
+            await self.store.refund(carried.content_key)
         await self.broker.delay(
             (r.copy, 0, {GROUP_HEADER: f"{record.mail_id}.{0 if i < middle else 1}"})
             for i, r in enumerate(requests)

@@ -14,6 +14,8 @@ from typing import Protocol
 
 from worker.broker import RequestCopy
 from worker.contract import MetadataValue
+from worker.limits import Admission, ContentWindow, SubscriberStreaks
+from worker.settings import LimitSettings
 
 
 class Claim(StrEnum):
@@ -56,6 +58,13 @@ class StateStore(Protocol):
     async def mark_sent(self, request_id: str) -> None:
         """The request's e-mail went out: copies within the dedup window are duplicates."""
 
+    async def admit(self, content_key: str, subscribers: tuple[str, ...]) -> Admission:
+        """Whether a request may be sent now within the gateway's identical-request and
+        per-subscriber rules; if so, it is counted as sent."""
+
+    async def refund(self, content_key: str) -> None:
+        """An admitted request's e-mail was refused as a whole: it was no copy after all."""
+
     async def remember_mail(self, record: MailRecord) -> None: ...
 
     async def take_mail(self, mail_id: str) -> MailRecord | None:
@@ -68,9 +77,12 @@ class StateStore(Protocol):
 class MemoryStateStore:
     """Per-process state: lost on restart, not shared between replicas."""
 
-    def __init__(self, dedup_ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._ttl = dedup_ttl_s
+    def __init__(self, limits: LimitSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = limits.dedup_ttl_s
         self._clock = clock
+        self._identical = ContentWindow(limits.identical_per_window, limits.identical_window_s)
+        self._streaks = SubscriberStreaks(limits.subscriber_streak, limits.subscriber_gap_s)
+        self._admitted = 0
         self._in_flight: set[str] = set()
         self._sent: dict[str, float] = {}
         self._mails: dict[str, MailRecord] = {}
@@ -99,6 +111,27 @@ class MemoryStateStore:
         self._in_flight.discard(request_id)
         self._sent.pop(request_id, None)
         self._sent[request_id] = self._clock()
+
+    async def admit(self, content_key: str, subscribers: tuple[str, ...]) -> Admission:
+        now = self._clock()
+        wait = self._identical.wait(content_key, now)
+        if wait > 0:
+            return Admission(wait, "identical_content")
+        streak_wait = max((self._streaks.wait(s, now) for s in subscribers), default=0.0)
+        if streak_wait > 0:
+            return Admission(streak_wait, "subscriber_flood")
+        self._identical.record(content_key, now)
+        for subscriber in subscribers:
+            self._streaks.record(subscriber, now)
+        self._admitted += 1
+        if self._admitted % 10_000 == 0:
+            self._identical.prune(now)
+            self._streaks.prune(now)
+        return Admission(0.0)
+
+    async def refund(self, content_key: str) -> None:
+        # Streaks are left as they are, which errs on the safe side.
+        self._identical.forget_latest(content_key)
 
     async def remember_mail(self, record: MailRecord) -> None:
         self._mails[record.mail_id] = record
