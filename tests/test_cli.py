@@ -126,6 +126,14 @@ def test_a_bad_setting_stops_startup_naming_it() -> None:
     assert "SMSC_BATCH__MAX_LINES" in err and "SMSC_SMTP__SECURITY" in err
 
 
+def test_a_bad_tracing_variable_stops_startup_without_a_traceback() -> None:
+    env = cli_env(AmqpSettings(), OTEL_TRACES_EXPORTER="zipkin")
+    code, _, err = asyncio.run(run_cli("run", env=env))
+    assert code == 2
+    assert "OTEL_TRACES_EXPORTER" in err
+    assert "Traceback" not in err
+
+
 def test_checked_in_schemas_match_the_code() -> None:
     for name, text in render_all().items():
         assert (ROOT / "schemas" / name).read_text(encoding="utf-8") == text, (
@@ -156,10 +164,20 @@ async def test_sigterm_mid_stream_loses_nothing(amqp: AmqpSettings) -> None:
         sent_by_first = len(emulator.deliveries)
         assert 0 < sent_by_first < total
         async with worker_process(env):
-            await results.wait_until(
-                lambda: len({e.request_id for e in results.with_status(Status.accepted)}) == total,
-                60,
-            )
+            try:
+                await results.wait_until(
+                    lambda: (
+                        len({e.request_id for e in results.with_status(Status.accepted)}) == total
+                    ),
+                    60,
+                )
+            except TimeoutError:
+                missing = [
+                    (n, results.statuses(f"s{n}"), emulator.delivered(phone(n), f"t{n}"))
+                    for n in range(total)
+                    if Status.accepted not in results.statuses(f"s{n}")
+                ]
+                raise AssertionError(f"not accepted: {missing[:10]} of {len(missing)}") from None
     deliveries = Counter(d.text for d in emulator.deliveries)
     assert len(deliveries) == total
     assert set(deliveries.values()) == {1}

@@ -24,6 +24,7 @@ from tests.conftest import collecting, free_port, make_settings, phone
 from worker.contract import Status
 from worker.emulator.config import EmulatorConfig
 from worker.emulator.server import Emulator
+from worker.errors import ConfigurationError
 from worker.health import Endpoints
 from worker.logs import JsonFormatter, RedactSecrets, TextFormatter, TraceContext, secrets_of
 from worker.metrics import Metrics
@@ -259,10 +260,10 @@ def test_tracing_is_configured_by_the_otel_variables(monkeypatch: pytest.MonkeyP
         provider.shutdown()
 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
-    with pytest.raises(ValueError, match="http/json"):
+    with pytest.raises(ConfigurationError, match="http/json"):
         tracer_provider_from_env(max_links=500)
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
-    with pytest.raises(ValueError, match="zipkin"):
+    with pytest.raises(ConfigurationError, match="zipkin"):
         tracer_provider_from_env(max_links=500)
 
 

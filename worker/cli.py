@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from worker.contract import ResultEvent, SendRequest, Status
 from worker.emulator.command import emulator_command
+from worker.errors import ConfigurationError
 from worker.logs import configure_logging
 from worker.runner import run
 from worker.schemas import render_all, write_all
@@ -65,6 +66,9 @@ def run_command(
     configure_logging(settings)
     try:
         asyncio.run(run(settings, with_emulator=emulator))
+    except ConfigurationError as exc:
+        typer.echo(f"smsc-worker: invalid configuration: {exc.message}", err=True)
+        raise typer.Exit(2) from None
     except OSError as exc:
         typer.echo(f"smsc-worker: cannot start: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from contextlib import AsyncExitStack
 
 from worker.emulator.config import EmulatorConfig
@@ -35,6 +36,19 @@ def pointed_at(settings: Settings, host: str, port: int) -> Settings:
     return settings.model_copy(update={"smtp": smtp})
 
 
+def free_port(host: str) -> int:
+    """A port free now, for the emulator's replies to be relayed to before the receiver
+    that will listen on it exists."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def with_reply_port(settings: Settings, port: int) -> Settings:
+    return settings.model_copy(update={"reply": settings.reply.model_copy(update={"port": port})})
+
+
 async def run(settings: Settings, *, with_emulator: bool = False) -> None:
     tracer_provider = tracer_provider_from_env(max_links=settings.batch.max_lines)
     async with AsyncExitStack() as stack:
@@ -42,6 +56,8 @@ async def run(settings: Settings, *, with_emulator: bool = False) -> None:
             # Last out: the spans of the drain's own submissions are exported too.
             stack.push_async_callback(asyncio.to_thread, tracer_provider.shutdown)
         if with_emulator:
+            if settings.reply.port == 0:
+                settings = with_reply_port(settings, free_port(settings.reply.host))
             emulator = await stack.enter_async_context(
                 Emulator(emulator_for(settings, settings.reply.port))
             )

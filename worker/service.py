@@ -195,21 +195,29 @@ class Service:
     async def drain(self) -> None:
         """Stop taking requests, send what is batched, wait for it, close."""
         self.draining = True
+        if self._flusher is not None:
+            self._flusher.cancel()
         await self._stop_consuming()
-        for batch in self._batcher.drain():
-            self._spawn(self._submit(batch))
         timeout = self.settings.observability.drain_timeout_s
         deadline = time.monotonic() + timeout
-        if self._tasks:
-            _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
-            for task in late:
-                task.cancel()
+        # A request whose handling began before the consumer was cancelled may still land
+        # in a batch: flush until nothing is batched and nothing is in flight.
+        while True:
+            for batch in self._batcher.drain():
+                self._spawn(self._submit(batch))
+            if not self._tasks:
+                break
+            _, late = await asyncio.wait(
+                set(self._tasks), timeout=max(deadline - time.monotonic(), 0)
+            )
             if late:
+                for task in late:
+                    task.cancel()
                 log.error("%d submissions still running after %.0f s", len(late), timeout)
+                break
         await self._await_replies(deadline)
-        for background in (self._flusher, self._sweeper):
-            if background is not None:
-                background.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._reply_server is not None:
             self._reply_server.close()
         if self._smtp is not None:

@@ -57,6 +57,7 @@ from opentelemetry.util.types import AttributeValue
 
 from worker.broker import ATTEMPT_HEADER
 from worker.contract import ResultEvent
+from worker.errors import ConfigurationError
 from worker.limits import Circuit
 from worker.logs import MASK, gateway_id_var, request_id_var, secrets_of
 from worker.metrics import RECEIVED_HEADER, Metrics
@@ -404,7 +405,9 @@ def _processor(name: str) -> SpanProcessor:
         return SimpleSpanProcessor(ConsoleSpanExporter())
     if name == "otlp":
         return BatchSpanProcessor(_otlp_exporter())
-    raise ValueError(f"OTEL_TRACES_EXPORTER: {name!r} is not supported; use otlp, console or none")
+    raise ConfigurationError(
+        f"OTEL_TRACES_EXPORTER: {name!r} is not supported; use otlp, console or none"
+    )
 
 
 def _otlp_exporter() -> SpanExporter:
@@ -424,6 +427,6 @@ def _otlp_exporter() -> SpanExporter:
         )
 
         return HttpSpanExporter()
-    raise ValueError(
+    raise ConfigurationError(
         f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported; use grpc or http/protobuf"
     )
