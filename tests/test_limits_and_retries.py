@@ -300,3 +300,22 @@ async def test_error_3_pauses_the_account_and_says_why(amqp: AmqpSettings) -> No
     assert Status.failed not in results.statuses("broke")
     assert 1 <= emulator.errors[3] <= 4
     assert emulator.deliveries == []
+
+
+async def test_identical_copies_past_the_limit_can_be_rejected_instead(amqp: AmqpSettings) -> None:
+    limits = WORKER_LIMITS.model_copy(update={"identical_policy": "reject"})
+    ids = [f"copy-{n}" for n in range(3)]
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, SHORT_WINDOWS, limits=limits) as (emulator, _),
+    ):
+        for request_id in ids:
+            await broker.publish({"request_id": request_id, "to": phone(1), "text": "same"})
+        await results.wait_until(
+            lambda: accepted_once(results, ids[:2]) and Status.rejected in results.statuses(ids[2])
+        )
+
+    rejected = results.of(ids[2])
+    assert [e.error.code for e in rejected if e.error] == ["duplicate"]
+    assert emulator.delivered(phone(1), "same") == 2
+    assert emulator.errors[9] == 0

@@ -491,6 +491,13 @@ class Service:
             if len(live) < len(batch.items):
                 batch = self._rebuild(batch, live)
             await self.limits.circuit.acquire()
+            if self.account_stopped:
+                # The gateway refused the credentials: every further e-mail would be refused
+                # too. The requests wait in the queue for a fixed, restarted worker.
+                for pending in live:
+                    await self.store.release(pending.request.request_id)
+                await self._requeue(p.message for p in live)
+                return
             await self.limits.pace(sum(p.prepared.sms_count for p in live))
             assert self._smtp is not None
             mail = batch.builder.build()
