@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 import uuid
 from collections import Counter
 
@@ -172,13 +173,18 @@ async def test_bad_credentials_stop_the_account_without_a_retry_storm(amqp: Amqp
 
 
 def close_connection_named(name: str) -> None:
-    listing = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    pids = [line.split("\t")[0] for line in listing.splitlines() if name in line]
+    """Close the worker's connection from the broker's side (once it has one again)."""
+    for _ in range(30):
+        listing = subprocess.run(
+            ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        pids = [line.split("\t")[0] for line in listing.splitlines() if name in line]
+        if pids:
+            break
+        time.sleep(0.5)
     assert pids, f"no connection named {name}"
     for pid in pids:
         subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test"], check=True)
@@ -319,3 +325,24 @@ async def test_identical_copies_past_the_limit_can_be_rejected_instead(amqp: Amq
     assert [e.error.code for e in rejected if e.error] == ["duplicate"]
     assert emulator.delivered(phone(1), "same") == 2
     assert emulator.errors[9] == 0
+
+
+async def test_broker_side_closes_mid_stream_lose_nothing_and_double_nothing(
+    amqp: AmqpSettings,
+) -> None:
+    name = f"smsc-worker-test-{uuid.uuid4().hex[:8]}"
+    amqp = amqp.model_copy(update={"connection_name": name})
+    total = 300
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, {"latency_s": 0.05}) as (emulator, _),
+    ):
+        for n in range(total):
+            await broker.publish({"request_id": f"m{n}", "to": phone(n), "text": f"t{n}"})
+            if n in (100, 200):
+                await asyncio.to_thread(close_connection_named, name)
+        ids = [f"m{n}" for n in range(total)]
+        await results.wait_until(lambda: accepted_once(results, ids), 60)
+
+    counts = Counter(d.recipient for d in emulator.deliveries)
+    assert counts == Counter(phone(n) for n in range(total))

@@ -41,6 +41,7 @@ GROUP_HEADER = "x-smsc-group"
 ERROR_CODE_HEADER = "x-smsc-error-code"
 ERROR_HEADER = "x-smsc-error"
 PUBLISH_ATTEMPTS = 3
+RECONNECT_INTERVAL_S = 1.0
 Publish = Callable[[], Awaitable[object]]
 RETRY_TIERS_S = tuple(1 << n for n in range(11))  # 1 s .. 1024 s
 
@@ -188,6 +189,8 @@ class Broker:
         self.connection = await aio_pika.connect_robust(
             self.settings.url.get_secret_value(),
             client_properties={"connection_name": self.settings.connection_name},
+            # Unacked requests are redelivered to other consumers meanwhile; come back soon.
+            reconnect_interval=RECONNECT_INTERVAL_S,
         )
         self._publish_channel = await self.connection.channel(publisher_confirms=True)
         self._consume_channel = await self.connection.channel(publisher_confirms=True)
