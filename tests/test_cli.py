@@ -21,6 +21,7 @@ from worker.settings import AmqpSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "worker"]
+WORKER_LOGS: list[list[str]] = []
 
 
 def cli_env(amqp: AmqpSettings, **extra: str) -> dict[str, str]:
@@ -68,6 +69,7 @@ async def worker_process(
     )
     assert process.stderr is not None
     seen: list[str] = []
+    WORKER_LOGS.append(seen)
     try:
         async with asyncio.timeout(30):
             while True:
@@ -177,7 +179,10 @@ async def test_sigterm_mid_stream_loses_nothing(amqp: AmqpSettings) -> None:
                     for n in range(total)
                     if Status.accepted not in results.statuses(f"s{n}")
                 ]
-                raise AssertionError(f"not accepted: {missing[:10]} of {len(missing)}") from None
+                logs = "\n".join("".join(log[-40:]) for log in WORKER_LOGS[-2:])
+                raise AssertionError(
+                    f"not accepted: {missing[:10]} of {len(missing)}\n{logs}"
+                ) from None
     deliveries = Counter(d.text for d in emulator.deliveries)
     assert len(deliveries) == total
     assert set(deliveries.values()) == {1}

@@ -127,6 +127,8 @@ class Service:
         self._submit_slots = asyncio.Semaphore(settings.smtp.connections)
         self._batch_added = asyncio.Event()
         self._submitting: dict[str, asyncio.Future[None]] = {}
+        # A reply being handled has left the store but not yet published its events.
+        self._replies_in_progress = 0
         self._flusher: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -256,7 +258,7 @@ class Service:
     async def _await_replies(self, deadline: float) -> None:
         """Replies to e-mails already sent can only be matched by this process (its state
         is its own): keep the receiver open for them while the drain time lasts."""
-        while await self.store.unanswered(time.time()):
+        while self._replies_in_progress or await self.store.unanswered(time.time()):
             if time.monotonic() >= deadline:
                 waiting = len(await self.store.unanswered(time.time()))
                 log.warning("stopping with %d e-mails still unanswered", waiting)
@@ -691,12 +693,15 @@ class Service:
         if record is None:
             log.warning("reply for unknown or already answered e-mail %s: %s", mail_id, reply)
             return
+        self._replies_in_progress += 1
         try:
             with self.telemetry.reply(record, reply):
                 await self._handle_reply(record, reply)
         except Exception:
             await self.store.remember_mail(record)
             raise
+        finally:
+            self._replies_in_progress -= 1
 
     async def _handle_reply(self, record: MailRecord, reply: Reply) -> None:
         if isinstance(reply, Accepted):
