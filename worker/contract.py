@@ -186,7 +186,9 @@ class ResultEvent(BaseModel):
         `source` tells apart events that have no request id (the AMQP message id)."""
         gateway_id = fields.get("gateway_id")
         name = f"{request_id}|{status.value}|{attempt}|{gateway_id}|{source}"
-        return cls(
+        # Built from values the worker has already validated; events are published by the
+        # thousand, and validating them again would cost a fair share of the hot path.
+        return cls.model_construct(
             event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, name)),
             request_id=request_id,
             status=status,

@@ -33,16 +33,17 @@ class PreparedRequest:
     line: ListLine
     key: BatchKey
     sms_parts: int
+    content_key: str
 
     @property
     def sms_count(self) -> int:
         return self.sms_parts * len(self.recipients)
 
-    @property
-    def content_key(self) -> str:
-        """Same options, recipients and text: what the gateway calls an identical request."""
-        identity = repr((self.key.options, sorted(r.key for r in self.recipients), self.line.text))
-        return hashlib.sha256(identity.encode()).hexdigest()
+
+def content_key(options: MailOptions, recipients: tuple[Recipient, ...], text: str) -> str:
+    """Same options, recipients and text: what the gateway calls an identical request."""
+    identity = repr((options, sorted(r.key for r in recipients), text))
+    return hashlib.sha256(identity.encode()).hexdigest()
 
 
 def _send_time(request: SendRequest) -> SendTime:
@@ -89,4 +90,5 @@ def prepare(
         line=ListLine(tuple(r.wire for r in recipients), text),
         key=BatchKey(options, charset, group),
         sms_parts=count_segments(text).parts,
+        content_key=content_key(options, recipients, text),
     )

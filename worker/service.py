@@ -126,6 +126,7 @@ class Service:
         self._tasks: set[asyncio.Task[None]] = set()
         self._submit_slots = asyncio.Semaphore(settings.smtp.connections)
         self._batch_added = asyncio.Event()
+        self._submission_done = asyncio.Event()
         self._submitting: dict[str, asyncio.Future[None]] = {}
         # A reply being handled has left the store but not yet published its events.
         self._replies_in_progress = 0
@@ -268,7 +269,11 @@ class Service:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._submission_finished)
+
+    def _submission_finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._submission_done.set()
 
     # consume -> validate -> limit -> batch -------------------------------------------
 
@@ -362,6 +367,11 @@ class Service:
             delay = deadline - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            # While every SMTP connection has an e-mail to send, a due batch would only
+            # queue for one: let it go on filling (up to its limits) until one is free.
+            while len(self._tasks) >= self.settings.smtp.connections:
+                self._submission_done.clear()
+                await self._submission_done.wait()
             for batch in self._batcher.due(time.monotonic()):
                 self._spawn(self._submit(batch))
 

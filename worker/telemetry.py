@@ -157,6 +157,10 @@ class Telemetry:
     ) -> None:
         self.metrics = Metrics()
         self._tracer = trace.get_tracer(INSTRUMENTATION, tracer_provider=tracer_provider)
+        provider = tracer_provider or trace.get_tracer_provider()
+        self._tracing = not isinstance(
+            provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider
+        )
         self._queue = settings.amqp.requests_queue
         self._smtp_host = settings.smtp.host
         self._smtp_port = settings.smtp.port
@@ -175,7 +179,23 @@ class Telemetry:
 
     def consumer(self, callback: Consumer) -> Consumer:
         """Wrap the consumer callback in one span per delivered request, and stamp the
-        delivery's headers with that span's context and the time of first receipt."""
+        delivery's headers with that span's context and the time of first receipt.
+        With tracing off, the caller's trace headers pass through as they are."""
+
+        async def untraced(message: AbstractIncomingMessage) -> None:
+            headers = message.headers
+            headers.setdefault(RECEIVED_HEADER, int(time.time() * 1000))
+            # The caller's trace still names the log lines, when there is one.
+            token = context.attach(_extract(headers)) if "traceparent" in headers else None
+            try:
+                with _log_context(request_id=None, gateway_id=None):
+                    await callback(message)
+            finally:
+                if token is not None:
+                    context.detach(token)
+
+        if not self._tracing:
+            return untraced
 
         async def traced(message: AbstractIncomingMessage) -> None:
             headers = message.headers
