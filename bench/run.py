@@ -41,7 +41,7 @@ import time
 import tracemalloc
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +287,7 @@ def worker_settings(groups: dict[str, Any], smtp_port: int, reply_port: int) -> 
     )
 
 
-CHILDREN: dict[str, Callable[[dict[str, Any], Meter], Awaitable[dict[str, Any]]]] = {
+CHILDREN: dict[str, Callable[[dict[str, Any], Meter], Coroutine[Any, Any, dict[str, Any]]]] = {
     "baseline": child_baseline,
     "worker": child_worker,
     "gateway": child_gateway,
@@ -760,6 +760,8 @@ def print_table(document: dict[str, Any]) -> None:
         print(f"run {i}: " + "; ".join(parts))
     goal = summary["goal"]
     verdict = "met" if goal["met"] else "NOT met"
+    if not summary["complete"]:
+        verdict = "unknown, a phase did not finish (figures cover what arrived)"
     print(
         f"\ngoal: worker throughput >= {GOAL}x baseline: {verdict} (ratio {_fmt(goal['ratio'], 2)})"
     )
@@ -811,8 +813,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--emulator",
         choices=["inprocess", "process"],
-        default="inprocess",
-        help="the gateway emulator on the worker's loop (default) or in a process of its own",
+        default="process",
+        help="the gateway emulator in a process of its own (default: the real gateway is "
+        "not in the worker's process either) or on the worker's loop",
     )
     parser.add_argument(
         "--tracemalloc", action="store_true", help="also trace Python allocations (slower)"
