@@ -569,3 +569,9 @@ def test_topology_spread_defaults_to_this_releases_pods(chart: helm.Chart) -> No
     (constraint,) = one(docs, "Deployment")["spec"]["template"]["spec"]["topologySpreadConstraints"]
     selector = one(docs, "Deployment")["spec"]["selector"]
     assert constraint["labelSelector"] == selector
+
+
+def test_replies_reach_pods_that_are_not_ready(chart: helm.Chart) -> None:
+    """Draining pods and pods with an open circuit still need the gateway's replies."""
+    service = one(render(chart, CREDENTIALS), "Service", f"{FULLNAME}-reply")
+    assert service["spec"]["publishNotReadyAddresses"] is True
