@@ -1,4 +1,5 @@
-"""The service: one object that owns the lifecycle and wires the parts.
+"""The service: one object that owns the lifecycle and wires the parts (what becomes of
+each request is recorded by `worker.outcomes`).
 
 consume -> validate -> limit -> batch -> submit -> publish, and replies -> publish.
 
@@ -11,13 +12,9 @@ RabbitMQ, which redelivers it if this process dies.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import random
 import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import formatdate
 from types import TracebackType
@@ -34,49 +31,22 @@ from worker.broker import (
     GROUP_HEADER,
     Acker,
     Broker,
-    Outgoing,
-    RequestCopy,
 )
-from worker.contract import ErrorInfo, ResultEvent, SendRequest, Status
+from worker.contract import SendRequest, Status
 from worker.errors import InvalidRequest
 from worker.limits import Limits
-from worker.prepare import BatchKey, PreparedRequest, check_not_expired, prepare
+from worker.outcomes import Outcomes, Pending, error_info
+from worker.prepare import BatchKey, check_not_expired, prepare
 from worker.protocol.mail import Account, Envelope, MailBuilder
 from worker.protocol.replies import Accepted, Action, Reply
 from worker.reply_receiver import ReplyHandler, reply_address
 from worker.settings import Settings
-from worker.smtp_client import GatewaySmtp, Outcome, SubmitResult
+from worker.smtp_client import GatewaySmtp, Outcome
 from worker.smtp_server import serve_smtp
-from worker.state import CarriedRequest, Claim, MailRecord, MemoryStateStore, StateStore
-from worker.telemetry import Telemetry, event_headers
+from worker.state import Claim, MailRecord, MemoryStateStore, StateStore
+from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Pending:
-    """A request waiting in a batch, with the delivery that brought it."""
-
-    message: AbstractIncomingMessage
-    prepared: PreparedRequest
-    attempt: int
-    first_seen: float
-    received_at: float
-
-    @property
-    def request(self) -> SendRequest:
-        return self.prepared.request
-
-    def carried(self) -> CarriedRequest:
-        return CarriedRequest(
-            request_id=self.request.request_id,
-            recipients=self.prepared.line.phones,
-            sms_parts=self.prepared.sms_parts,
-            attempt=self.attempt,
-            metadata=dict(self.request.metadata),
-            copy=RequestCopy.of(self.message),
-            content_key=self.prepared.content_key,
-        )
 
 
 def _int_header(message: AbstractIncomingMessage, name: str, default: int) -> int:
@@ -85,14 +55,6 @@ def _int_header(message: AbstractIncomingMessage, name: str, default: int) -> in
         return int(str(value)) if value is not None else default
     except (TypeError, ValueError):
         return default
-
-
-def _error(code: str, message: str, retryable: bool, gateway: int | None = None) -> ErrorInfo:
-    return ErrorInfo(code=code, message=message, retryable=retryable, gateway_error=gateway)
-
-
-def _outgoing(event: ResultEvent, copy: RequestCopy) -> Outgoing:
-    return Outgoing(event, copy.reply_to, copy.correlation_id, event_headers(copy.headers))
 
 
 class Service:
@@ -115,6 +77,7 @@ class Service:
         self.telemetry.watch(self.limits.circuit)
         self._account = Account(settings.gateway.login, settings.gateway.password)
         self._acker = Acker()
+        self.outcomes = Outcomes(settings, self.broker, self.store, self._acker, self.telemetry)
         self._batcher: Batcher[Pending] = Batcher(
             self._new_builder,
             max_lines=settings.batch.max_lines,
@@ -249,8 +212,8 @@ class Service:
                 )
                 log.error(message)
                 try:
-                    await self._reply_events(
-                        record, Status.failed, _error("outcome_unknown", message, False)
+                    await self.outcomes.record_events(
+                        record, Status.failed, error_info("outcome_unknown", message, False)
                     )
                 except Exception:
                     log.exception("could not report e-mail %s as failed", record.mail_id)
@@ -282,7 +245,7 @@ class Service:
         if self.draining:
             # Delivered before the consumer was cancelled: open batches are already flushed,
             # so hand it back rather than start work that could outlive the connection.
-            await self._requeue([message])
+            await self.outcomes.requeue([message])
             return
         attempt = _int_header(message, ATTEMPT_HEADER, 1)
         now = time.time()
@@ -291,7 +254,7 @@ class Service:
         try:
             request = SendRequest.model_validate_json(message.body)
         except ValidationError as exc:
-            await self._reject_unreadable(message, exc)
+            await self.outcomes.reject_unreadable(message, exc)
             return
         self.telemetry.request_known(request.request_id)
         try:
@@ -303,10 +266,10 @@ class Service:
                 group,
             )
         except InvalidRequest as exc:
-            await self._reject(message, request, exc.code, exc.message)
+            await self.outcomes.reject(message, request, exc.code, exc.message)
             return
         if await self.store.claim(request.request_id) == Claim.duplicate:
-            await self._reject(
+            await self.outcomes.reject(
                 message, request, "duplicate", "request_id was already sent", dead_letter=False
             )
             return
@@ -319,21 +282,21 @@ class Service:
                 and self.settings.limits.identical_policy == "reject"
             ):
                 await self.store.release(request.request_id)
-                await self._reject(
+                await self.outcomes.reject(
                     message,
                     request,
                     "duplicate",
                     "identical request already sent twice this minute",
                 )
                 return
-            await self._defer(message, request, attempt, admission.wait, admission.reason)
+            await self.outcomes.defer(message, request, attempt, admission.wait, admission.reason)
             return
         pending = Pending(message, prepared, attempt, first_seen, time.monotonic())
         try:
             closed = self._batcher.add(prepared.key, prepared.line, pending, time.monotonic())
         except InvalidRequest as exc:
             await self.store.release(request.request_id)
-            await self._reject(message, request, exc.code, exc.message)
+            await self.outcomes.reject(message, request, exc.code, exc.message)
             return
         for batch in closed:
             self._spawn(self._submit(batch))
@@ -375,112 +338,6 @@ class Service:
             for batch in self._batcher.due(time.monotonic()):
                 self._spawn(self._submit(batch))
 
-    # rejections and delays -----------------------------------------------------------
-
-    async def _reject_unreadable(
-        self, message: AbstractIncomingMessage, exc: ValidationError
-    ) -> None:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-        )[:1000]
-        request_id = None
-        try:
-            raw = json.loads(message.body)
-            if isinstance(raw, dict) and isinstance(raw.get("request_id"), str):
-                request_id = raw["request_id"][:128]
-            code = "invalid_schema"
-        except ValueError:
-            code = "not_json"
-        event = ResultEvent.create(
-            request_id,
-            Status.rejected,
-            source=message.message_id or str(message.delivery_tag),
-            error=_error(code, problems, False),
-        )
-        log.warning("rejected unreadable request %s: %s", request_id, problems)
-        await self._settle_rejection(message, event, code, problems, dead_letter=True)
-
-    async def _reject(
-        self,
-        message: AbstractIncomingMessage,
-        request: SendRequest,
-        code: str,
-        reason: str,
-        *,
-        dead_letter: bool = True,
-    ) -> None:
-        event = ResultEvent.create(
-            request.request_id,
-            Status.rejected,
-            source=code,
-            recipients=list(request.to),
-            error=_error(code, reason, False),
-            metadata=dict(request.metadata),
-        )
-        log.warning("rejected request %s: %s (%s)", request.request_id, reason, code)
-        await self._settle_rejection(message, event, code, reason, dead_letter=dead_letter)
-
-    async def _settle_rejection(
-        self,
-        message: AbstractIncomingMessage,
-        event: ResultEvent,
-        code: str,
-        reason: str,
-        *,
-        dead_letter: bool,
-    ) -> None:
-        copy = RequestCopy.of(message)
-        try:
-            await self.broker.publish_events([_outgoing(event, copy)])
-            if dead_letter:
-                await self.broker.dead_letter([(copy, code, reason)])
-        except Exception:
-            log.exception("could not record the rejection; returning the request to the queue")
-            await self._requeue([message])
-            return
-        await self._acker.ack([message])
-
-    async def _requeue(self, messages: Iterable[AbstractIncomingMessage]) -> None:
-        for message in messages:
-            try:
-                await message.nack(requeue=True)
-            except Exception as exc:
-                log.warning("nack failed (%s); the broker will redeliver", exc)
-            await self._acker.settled_otherwise(message)
-
-    async def _defer(
-        self,
-        message: AbstractIncomingMessage,
-        request: SendRequest,
-        attempt: int,
-        wait: float,
-        reason: str,
-    ) -> None:
-        """Hold a request back through the retry queues to stay within a gateway limit."""
-        await self.store.release(request.request_id)
-        copy = RequestCopy.of(message)
-        event = ResultEvent.create(
-            request.request_id,
-            Status.deferred,
-            attempt=attempt,
-            source=f"{reason}|{uuid.uuid4().hex}",
-            recipients=list(request.to),
-            error=_error(
-                reason, f"held back {wait:.0f} s to stay within the gateway's limits", True
-            ),
-            retry_at=datetime.fromtimestamp(time.time() + wait, UTC),
-            metadata=dict(request.metadata),
-        )
-        log.info("deferred %s for %.1f s: %s", request.request_id, wait, reason)
-        try:
-            await self.broker.delay([(copy, wait, {})])
-            await self.broker.publish_events([_outgoing(event, copy)])
-        except Exception:
-            log.exception("could not defer %s; returning it to the queue", request.request_id)
-            await self._requeue([message])
-            return
-        await self._acker.ack([message])
-
     # submit -> publish -----------------------------------------------------------------
 
     async def _submit(self, batch: Batch[Pending]) -> None:
@@ -497,7 +354,9 @@ class Service:
                     live.append(pending)
                 except InvalidRequest as exc:
                     await self.store.release(pending.request.request_id)
-                    await self._reject(pending.message, pending.request, exc.code, exc.message)
+                    await self.outcomes.reject(
+                        pending.message, pending.request, exc.code, exc.message
+                    )
             if not live:
                 return
             if len(live) < len(batch.items):
@@ -508,7 +367,7 @@ class Service:
                 # too. The requests wait in the queue for a fixed, restarted worker.
                 for pending in live:
                     await self.store.release(pending.request.request_id)
-                await self._requeue(p.message for p in live)
+                await self.outcomes.requeue(p.message for p in live)
                 return
             await self.limits.pace(sum(p.prepared.sms_count for p in live))
             assert self._smtp is not None
@@ -540,11 +399,11 @@ class Service:
             len(mail),
         )
         if result.outcome in (Outcome.accepted, Outcome.unknown):
-            await self._submitted(batch, live, result)
+            await self.outcomes.submitted(batch, live, result)
         elif result.outcome == Outcome.transient:
-            await self._retry_later([(p, p.message) for p in live], result.detail)
+            await self.outcomes.retry_later(live, result.detail)
         else:
-            await self._fail_deliveries(live, "smtp_rejected", result.detail)
+            await self.outcomes.fail(live, "smtp_rejected", result.detail)
 
     def _rebuild(self, batch: Batch[Pending], live: list[Pending]) -> Batch[Pending]:
         rebuilt: Batch[Pending] = Batch(batch.key, self._new_builder(batch.key), batch.opened_at)
@@ -552,145 +411,6 @@ class Service:
             rebuilt.builder.try_add(pending.prepared.line)
             rebuilt.items.append(pending)
         return rebuilt
-
-    async def _submitted(
-        self, batch: Batch[Pending], live: list[Pending], result: SubmitResult
-    ) -> None:
-        unknown = result.outcome == Outcome.unknown
-        for pending in live:
-            await self.store.mark_sent(pending.request.request_id)
-        await self.store.remember_mail(
-            MailRecord(
-                batch.mail_id,
-                tuple(p.carried() for p in live),
-                time.time(),
-                trace=self.telemetry.carrier(),
-                outcome_unknown=unknown,
-            )
-        )
-        status = Status.unknown if unknown else Status.submitted
-        error = (
-            _error(
-                "outcome_unknown",
-                f"connection lost after the data was sent ({result.detail}); "
-                "waiting for the gateway's reply, not resending",
-                False,
-            )
-            if unknown
-            else None
-        )
-        events = [
-            _outgoing(
-                ResultEvent.create(
-                    p.request.request_id,
-                    status,
-                    attempt=p.attempt,
-                    gateway_id=batch.mail_id,
-                    recipients=list(p.prepared.line.phones),
-                    sms_parts=p.prepared.sms_parts,
-                    sms_count=p.prepared.sms_count,
-                    error=error,
-                    metadata=dict(p.request.metadata),
-                ),
-                RequestCopy.of(p.message),
-            )
-            for p in live
-        ]
-        try:
-            await self.broker.publish_events(events)
-        except Exception:
-            # The e-mail is out; the redelivered requests will be recognised as duplicates.
-            log.exception("e-mail %s sent but its events were not confirmed", batch.mail_id)
-            await self._requeue(p.message for p in live)
-            return
-        self.telemetry.submitted(p.message.headers for p in live)
-        await self._acker.ack(p.message for p in live)
-
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with full jitter, capped."""
-        r = self.settings.retry
-        return random.uniform(0, min(r.max_delay_s, r.base_delay_s * 2 ** (attempt - 1)))
-
-    async def _retry_later(
-        self, items: list[tuple[Pending, AbstractIncomingMessage]], reason: str
-    ) -> None:
-        """A transient failure: back to the queue through a delay, or give up."""
-        r = self.settings.retry
-        delays: list[tuple[RequestCopy, float, dict[str, Any]]] = []
-        events: list[Outgoing] = []
-        give_up: list[Pending] = []
-        for pending, message in items:
-            await self.store.release(pending.request.request_id)
-            await self.store.refund(pending.prepared.content_key)
-            next_attempt = pending.attempt + 1
-            age = time.time() - pending.first_seen
-            if next_attempt > r.max_attempts or age > r.max_age_s:
-                give_up.append(pending)
-                continue
-            delay = max(self._backoff(pending.attempt), 0.5)
-            copy = RequestCopy.of(message)
-            delays.append(
-                (
-                    copy,
-                    delay,
-                    {ATTEMPT_HEADER: next_attempt, FIRST_SEEN_HEADER: int(pending.first_seen)},
-                )
-            )
-            events.append(
-                _outgoing(
-                    ResultEvent.create(
-                        pending.request.request_id,
-                        Status.retrying,
-                        attempt=pending.attempt,
-                        recipients=list(pending.prepared.line.phones),
-                        error=_error("smtp_transient", reason, True),
-                        retry_at=datetime.fromtimestamp(time.time() + delay, UTC),
-                        metadata=dict(pending.request.metadata),
-                    ),
-                    copy,
-                )
-            )
-        if delays:
-            log.warning("retrying %d requests later: %s", len(delays), reason)
-            try:
-                await self.broker.delay(delays)
-                await self.broker.publish_events(events)
-            except Exception:
-                log.exception("could not schedule retries; returning the requests to the queue")
-                await self._requeue(m for p, m in items if p not in give_up)
-            else:
-                await self._acker.ack(m for p, m in items if p not in give_up)
-        if give_up:
-            await self._fail_deliveries(give_up, "retries_exhausted", reason)
-
-    async def _fail_deliveries(self, items: list[Pending], code: str, reason: str) -> None:
-        copies = [RequestCopy.of(p.message) for p in items]
-        events = [
-            _outgoing(
-                ResultEvent.create(
-                    p.request.request_id,
-                    Status.failed,
-                    attempt=p.attempt,
-                    source=code,
-                    recipients=list(p.prepared.line.phones),
-                    error=_error(code, reason, False),
-                    metadata=dict(p.request.metadata),
-                ),
-                copy,
-            )
-            for p, copy in zip(items, copies, strict=True)
-        ]
-        for pending in items:
-            await self.store.release(pending.request.request_id)
-        log.error("%d requests failed: %s (%s)", len(items), reason, code)
-        try:
-            await self.broker.publish_events(events)
-            await self.broker.dead_letter((c, code, reason) for c in copies)
-        except Exception:
-            log.exception("could not record the failures; returning the requests to the queue")
-            await self._requeue(p.message for p in items)
-            return
-        await self._acker.ack(p.message for p in items)
 
     # replies -------------------------------------------------------------------------
 
@@ -717,7 +437,7 @@ class Service:
         if isinstance(reply, Accepted):
             if self.limits.circuit.state != "closed":
                 self.limits.circuit.close()
-            await self._reply_events(record, Status.accepted, None)
+            await self.outcomes.record_events(record, Status.accepted, None)
             return
         number = int(reply.error)
         code = f"gateway_{number}"
@@ -725,20 +445,19 @@ class Service:
         action = reply.action
         log.warning("e-mail %s: %s -> %s", record.mail_id, text, action.value)
         if action == Action.fail:
-            await self._reply_events(record, Status.failed, _error(code, text, False, number))
-            await self.broker.dead_letter((r.copy, code, text) for r in record.requests)
+            await self.outcomes.fail_record(record, code, text, number)
         elif action == Action.find_bad_line:
-            await self._split(record, code, text, number)
+            await self.outcomes.split(record, code, text, number)
         elif action == Action.retry_after_window:
-            await self._resend(
+            await self.outcomes.resend(
                 record, self.settings.limits.identical_window_s, Status.retrying, code, text, number
             )
         elif action == Action.pause_account:
             pause = self.limits.circuit.open(text, self.settings.retry.funds_pause_s)
-            await self._resend(record, pause, Status.deferred, code, text, number)
+            await self.outcomes.resend(record, pause, Status.deferred, code, text, number)
         elif action == Action.back_off:
             pause = self.limits.circuit.open(text)
-            await self._resend(record, pause, Status.deferred, code, text, number)
+            await self.outcomes.resend(record, pause, Status.deferred, code, text, number)
         elif action == Action.stop_account:
             log.error(
                 "ALERT: the gateway refused the account's credentials (%s); "
@@ -747,56 +466,4 @@ class Service:
             )
             self.account_stopped = True
             await self._stop_consuming()
-            await self._resend(record, 0, Status.deferred, "account_stopped", text, number)
-
-    async def _reply_events(
-        self, record: MailRecord, status: Status, error: ErrorInfo | None
-    ) -> None:
-        await self.broker.publish_events(
-            _outgoing(
-                ResultEvent.create(
-                    r.request_id,
-                    status,
-                    attempt=r.attempt,
-                    gateway_id=record.mail_id,
-                    recipients=list(r.recipients),
-                    sms_parts=r.sms_parts,
-                    sms_count=r.sms_parts * len(r.recipients),
-                    error=error,
-                    metadata=r.metadata,
-                ),
-                r.copy,
-            )
-            for r in record.requests
-        )
-
-    async def _resend(
-        self, record: MailRecord, delay: float, status: Status, code: str, text: str, number: int
-    ) -> None:
-        for carried in record.requests:
-            await self.store.release(carried.request_id)
-            await self.store.refund(carried.content_key)
-        await self.broker.delay((r.copy, delay, {}) for r in record.requests)
-        await self._reply_events(record, status, _error(code, text, True, number))
-
-    async def _split(self, record: MailRecord, code: str, text: str, number: int) -> None:
-        """One bad line rejected the whole e-mail: send its halves apart, so each round
-        halves the suspects and only the bad requests end up failed."""
-        requests = record.requests
-        if len(requests) == 1:
-            await self._reply_events(record, Status.failed, _error(code, text, False, number))
-            await self.broker.dead_letter((r.copy, code, text) for r in requests)
-            return
-        middle = len(requests) // 2
-        for carried in requests:
-            await self.store.release(carried.request_id)
-            await self.store.refund(carried.content_key)
-        await self.broker.delay(
-            (r.copy, 0, {GROUP_HEADER: f"{record.mail_id}.{0 if i < middle else 1}"})
-            for i, r in enumerate(requests)
-        )
-        await self._reply_events(
-            record,
-            Status.retrying,
-            _error(code, f"{text}; resending in halves to find the bad recipient", True, number),
-        )
+            await self.outcomes.resend(record, 0, Status.deferred, "account_stopped", text, number)
