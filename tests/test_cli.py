@@ -45,12 +45,14 @@ def cli_env(amqp: AmqpSettings, **extra: str) -> dict[str, str]:
     return env
 
 
-async def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> tuple[int, str, str]:
+async def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 60, cwd: Path = ROOT
+) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         *CLI,
         *args,
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -119,6 +121,16 @@ def test_config_prints_settings_with_secrets_masked(tmp_path: Path) -> None:
     assert config["gateway"]["password"] == "**********"
     assert "hunter2-from-file" not in out and "smtp-secret-value" not in out
     assert "guest:guest" not in out
+
+
+def test_a_dotenv_file_in_the_working_directory_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("SMSC_GATEWAY__LOGIN=from-dotenv\nSMSC_BATCH__MAX_LINES=7\n")
+    env = cli_env(AmqpSettings(), PYTHONPATH=str(ROOT))
+    code, out, err = asyncio.run(run_cli("config", env=env, cwd=tmp_path))
+    assert code == 0, err
+    config = json.loads(out)
+    assert config["gateway"]["login"] == "from-dotenv"
+    assert config["batch"]["max_lines"] == 7
 
 
 def test_a_bad_setting_stops_startup_naming_it() -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 from tests.conftest import collecting, gateway_and_worker, phone
 from worker.broker import ERROR_CODE_HEADER
 from worker.contract import Status
-from worker.settings import AmqpSettings, BatchSettings
+from worker.settings import AmqpSettings, BatchSettings, LimitSettings
 
 
 async def test_a_thousand_requests_go_out_in_few_emails_each_exactly_once(
@@ -134,3 +135,40 @@ async def test_results_also_go_to_reply_to_with_correlation_id(amqp: AmqpSetting
             got.append(message)
     assert [m.correlation_id for m in got] == ["corr-1", "corr-1"]
     assert all(e.metadata == {"order": 42} for e in results.of("rpc"))
+
+
+async def test_the_work_queue_is_a_quorum_queue_with_a_delivery_limit_and_dead_lettering(
+    amqp: AmqpSettings,
+) -> None:
+    async with gateway_and_worker(amqp):
+        listing = await asyncio.to_thread(
+            subprocess.run,
+            ["rabbitmqctl", "-q", "list_queues", "name", "type", "arguments"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    (line,) = [row for row in listing.stdout.splitlines() if row.startswith(amqp.requests_queue)]
+    assert "\tquorum\t" in line
+    assert "x-delivery-limit" in line
+    assert amqp.dead_letter_exchange in line
+    assert "at-least-once" in line
+
+
+async def test_the_account_pace_spreads_emails_out(amqp: AmqpSettings) -> None:
+    pace = LimitSettings(mails_per_second=2, parts_per_second=100_000)
+    senders = ["Alpha", "Beta", "Gamma", "Delta", "Epsilon"]
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, limits=pace) as (emulator, _),
+    ):
+        for n, sender in enumerate(senders):
+            await broker.publish(
+                {"request_id": f"p{n}", "to": phone(n), "text": "x", "sender": sender}
+            )
+        ids = [f"p{n}" for n in range(len(senders))]
+        await results.wait_until(lambda: all(Status.accepted in results.statuses(i) for i in ids))
+    times = sorted(d.accepted_at for d in emulator.deliveries)
+    assert len(times) == 5
+    # A bucket of two per second: the last three e-mails wait about half a second each.
+    assert times[-1] - times[0] >= 1.2
