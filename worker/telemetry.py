@@ -132,6 +132,9 @@ def _span_context(headers: Mapping[str, Any]) -> SpanContext:
 
 def event_headers(request_headers: Mapping[str, Any]) -> dict[str, str]:
     """The trace headers for a result event about the request with these headers."""
+    if not any(name in request_headers for name in propagate.get_global_textmap().fields):
+        # Nothing to carry on; events go out by the thousand, so skip the round trip.
+        return {}
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=_extract(request_headers))
     return carrier
