@@ -11,6 +11,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 from pydantic import SecretStr
 
@@ -346,3 +347,25 @@ async def test_broker_side_closes_mid_stream_lose_nothing_and_double_nothing(
 
     counts = Counter(d.recipient for d in emulator.deliveries)
     assert counts == Counter(phone(n) for n in range(total))
+
+
+async def test_a_request_that_expires_while_waiting_to_be_retried_is_not_sent(
+    amqp: AmqpSettings,
+) -> None:
+    expires = (datetime.now(UTC) + timedelta(seconds=1.5)).isoformat()
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, retry=FAST_RETRY) as (emulator, _),
+    ):
+        await emulator.faults.refuse_connections()
+        await broker.publish(
+            {"request_id": "short-lived", "to": phone(1), "text": "x", "expires_at": expires}
+        )
+        await results.wait_until(lambda: Status.retrying in results.statuses("short-lived"))
+        await asyncio.sleep(1.6)
+        await emulator.faults.accept_connections()
+        await results.wait_until(lambda: Status.rejected in results.statuses("short-lived"), 20)
+
+    rejected = results.of("short-lived")[-1]
+    assert rejected.error is not None and rejected.error.code == "expired"
+    assert emulator.deliveries == []
