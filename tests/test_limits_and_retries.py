@@ -369,3 +369,25 @@ async def test_a_request_that_expires_while_waiting_to_be_retried_is_not_sent(
     rejected = results.of("short-lived")[-1]
     assert rejected.error is not None and rejected.error.code == "expired"
     assert emulator.deliveries == []
+
+
+async def test_requests_do_not_wait_at_an_open_circuit_longer_than_one_pause(
+    amqp: AmqpSettings,
+) -> None:
+    retry = FAST_RETRY.model_copy(update={"funds_pause_s": 30.0, "circuit_max_s": 1.0})
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, {"balance": 0}, retry=retry) as (emulator, service),
+    ):
+        await broker.publish({"request_id": "first", "to": phone(1), "text": "x"})
+        await results.wait_until(lambda: Status.deferred in results.statuses("first"))
+        await broker.publish({"request_id": "second", "to": phone(2), "text": "y"})
+        await results.wait_until(lambda: Status.deferred in results.statuses("second"), 10)
+        # Handed back to RabbitMQ, not held unacked while the account has no funds.
+        async with asyncio.timeout(5):
+            while service._acker.unacked:
+                await asyncio.sleep(0.05)
+
+    deferred = next(e for e in results.of("second") if e.status == Status.deferred)
+    assert deferred.error is not None and deferred.error.code == "circuit_open"
+    assert emulator.errors[3] == 1

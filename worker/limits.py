@@ -129,6 +129,12 @@ class Circuit:
         log.warning("circuit open for %.0f s: %s", pause, reason)
         return pause
 
+    def remaining(self) -> float:
+        """Seconds until the circuit lets a probe through (0 when it is not open)."""
+        if self.state == CircuitState.closed:
+            return 0.0
+        return max(self._open_until - self._clock(), 0.0)
+
     def close(self) -> None:
         if self.state != CircuitState.closed:
             log.info("circuit closed")

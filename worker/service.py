@@ -361,7 +361,19 @@ class Service:
                 return
             if len(live) < len(batch.items):
                 batch = self._rebuild(batch, live)
-            await self.limits.circuit.acquire()
+            try:
+                # Unacked requests must not wait out pause after pause: past the longest
+                # single pause they go back to RabbitMQ (its consumer timeout is 30 min).
+                async with asyncio.timeout(self.settings.retry.circuit_max_s):
+                    await self.limits.circuit.acquire()
+            except TimeoutError:
+                wait = max(self.limits.circuit.remaining(), self.settings.retry.circuit_base_s)
+                for pending in live:
+                    await self.store.refund(pending.prepared.content_key)
+                    await self.outcomes.defer(
+                        pending.message, pending.request, pending.attempt, wait, "circuit_open"
+                    )
+                return
             if self.account_stopped:
                 # The gateway refused the credentials: every further e-mail would be refused
                 # too. The requests wait in the queue for a fixed, restarted worker.
