@@ -143,9 +143,11 @@ class Acker:
 
     async def _flush(self, key: int) -> None:
         queue = self._outstanding.get(key)
-        settled = self._settled[key]
-        if not queue:
+        if queue is None:
+            # A channel already given up on: nothing of it can be acked any more.
+            self._settled.pop(key, None)
             return
+        settled = self._settled[key]
         last_to_ack: AbstractIncomingMessage | None = None
         while queue and self._tag(queue[0]) in settled:
             message = queue.popleft()
@@ -159,10 +161,6 @@ class Acker:
             log.warning("ack failed (%s); the broker will redeliver", exc)
             self._outstanding.pop(key, None)
             self._settled.pop(key, None)
-
-    def forget_channel(self, message: AbstractIncomingMessage) -> None:
-        self._outstanding.pop(id(message.channel), None)
-        self._settled.pop(id(message.channel), None)
 
     @property
     def unacked(self) -> int:
