@@ -114,10 +114,12 @@ class BatchSettings(_Group):
 class LimitSettings(_Group):
     dedup_ttl_s: float = Field(6 * 3600, ge=0, description="how long a request_id is remembered")
     identical_per_window: int = Field(2, ge=1)
-    identical_window_s: float = Field(60.0, gt=0)
+    # A second over the gateway's minute and two minutes: the worker counts a request when
+    # it admits it, the gateway a moment later, when the e-mail arrives.
+    identical_window_s: float = Field(61.0, gt=0)
     identical_policy: Literal["wait", "reject"] = "wait"
     subscriber_streak: int = Field(50, ge=1)
-    subscriber_gap_s: float = Field(120.0, gt=0)
+    subscriber_gap_s: float = Field(121.0, gt=0)
     mails_per_second: float = Field(10.0, gt=0)
     parts_per_second: float = Field(500.0, gt=0)
 
