@@ -3,6 +3,7 @@ AUTH, and what it makes of failures."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -69,7 +70,9 @@ async def smtp_server(inbox: Inbox, **kwargs: Any) -> AsyncIterator[int]:
 
 
 def client(port: int, **settings: Any) -> GatewaySmtp:
-    return GatewaySmtp(SmtpSettings(host="127.0.0.1", port=port, timeout_s=5, **settings))
+    return GatewaySmtp(
+        SmtpSettings(**{"host": "127.0.0.1", "port": port, "timeout_s": 5, **settings})
+    )
 
 
 async def test_starttls_with_auth_delivers(ca: trustme.CA, ca_file: str) -> None:
@@ -152,3 +155,17 @@ async def test_failures_are_classified_by_what_is_known_about_the_mail() -> None
     assert dropped_mid_data.outcome == Outcome.unknown
     assert dropped_after_dot.outcome == Outcome.unknown
     assert refused.outcome == Outcome.transient
+
+
+async def test_an_overall_deadline_bounds_a_slow_server() -> None:
+    async with (
+        Emulator(EmulatorConfig(latency_s=3.0)) as emulator,
+        client(emulator.port, timeout_s=30, submit_deadline_s=0.5) as smtp,
+    ):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = await smtp.submit("a@example.org", "send@send.smscentre.com", MAIL)
+        elapsed = loop.time() - started
+    # The data went out before the server stalled: the mail may have been taken.
+    assert result.outcome == Outcome.unknown
+    assert elapsed < 2.5, "the per-operation timeout, not the deadline, ended the wait"
