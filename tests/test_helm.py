@@ -571,7 +571,10 @@ def test_topology_spread_defaults_to_this_releases_pods(chart: helm.Chart) -> No
     assert constraint["labelSelector"] == selector
 
 
-def test_replies_reach_pods_that_are_not_ready(chart: helm.Chart) -> None:
-    """Draining pods and pods with an open circuit still need the gateway's replies."""
-    service = one(render(chart, CREDENTIALS), "Service", f"{FULLNAME}-reply")
-    assert service["spec"]["publishNotReadyAddresses"] is True
+def test_replies_and_scrapes_reach_pods_that_are_not_ready(chart: helm.Chart) -> None:
+    """Draining pods and pods with an open circuit still need the gateway's replies, and
+    that is when their metrics matter most."""
+    docs = render(chart, CREDENTIALS)
+    for suffix in ("reply", "metrics"):
+        service = one(docs, "Service", f"{FULLNAME}-{suffix}")
+        assert service["spec"]["publishNotReadyAddresses"] is True
