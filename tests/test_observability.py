@@ -75,7 +75,8 @@ def endpoints_of(service: Service) -> Endpoints:
 
 async def http_get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    request = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    writer.write(request.encode())
     await writer.drain()
     raw = await asyncio.wait_for(reader.read(), 5)
     writer.close()
