@@ -249,6 +249,12 @@ class Outcomes:
         self._telemetry.submitted(p.message.headers for p in live)
         await self._acker.ack(p.message for p in live)
 
+    async def _not_sent(self, request_id: str, content_key: str) -> None:
+        """Nothing of the request reached a recipient: a later copy of it may be sent, and
+        it counts as no copy against the identical-request limit."""
+        await self._store.release(request_id)
+        await self._store.refund(content_key)
+
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter, capped."""
         r = self._settings.retry
@@ -260,14 +266,15 @@ class Outcomes:
         delays: list[tuple[RequestCopy, float, dict[str, Any]]] = []
         events: list[Outgoing] = []
         give_up: list[Pending] = []
+        retried: list[Pending] = []
         for pending in items:
-            await self._store.release(pending.request.request_id)
-            await self._store.refund(pending.prepared.content_key)
+            await self._not_sent(pending.request.request_id, pending.prepared.content_key)
             next_attempt = pending.attempt + 1
             age = time.time() - pending.first_seen
             if next_attempt > r.max_attempts or age > r.max_age_s:
                 give_up.append(pending)
                 continue
+            retried.append(pending)
             delay = max(self._backoff(pending.attempt), 0.5)
             copy = RequestCopy.of(pending.message)
             delays.append(
@@ -298,9 +305,9 @@ class Outcomes:
                 await self._broker.publish_events(events)
             except Exception:
                 log.exception("could not schedule retries; returning the requests to the queue")
-                await self.requeue(p.message for p in items if p not in give_up)
+                await self.requeue(p.message for p in retried)
             else:
-                await self._acker.ack(p.message for p in items if p not in give_up)
+                await self._acker.ack(p.message for p in retried)
         if give_up:
             await self.fail(give_up, "retries_exhausted", reason)
 
@@ -358,8 +365,7 @@ class Outcomes:
         self, record: MailRecord, delay: float, status: Status, code: str, text: str, number: int
     ) -> None:
         for carried in record.requests:
-            await self._store.release(carried.request_id)
-            await self._store.refund(carried.content_key)
+            await self._not_sent(carried.request_id, carried.content_key)
         await self._broker.delay((r.copy, delay, {}) for r in record.requests)
         await self.record_events(record, status, error_info(code, text, True, number))
 
@@ -377,8 +383,7 @@ class Outcomes:
             return
         middle = len(requests) // 2
         for carried in requests:
-            await self._store.release(carried.request_id)
-            await self._store.refund(carried.content_key)
+            await self._not_sent(carried.request_id, carried.content_key)
         await self._broker.delay(
             (r.copy, 0, {GROUP_HEADER: f"{record.mail_id}.{0 if i < middle else 1}"})
             for i, r in enumerate(requests)
