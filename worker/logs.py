@@ -27,21 +27,31 @@ request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 gateway_id_var: ContextVar[str | None] = ContextVar("gateway_id", default=None)
 
 
+class Masker:
+    """Blanks the configured secrets out of any text: logs, span attributes, exceptions.
+    Values shorter than three characters are left alone, or ordinary text would be."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        self.secrets = [s for s in secrets if len(s) >= 3]
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+
 class RedactSecrets(logging.Filter):
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self._secrets = [s for s in secrets if len(s) >= 3]
+        self._mask = Masker(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._secrets:
-            text = record.getMessage()
+        if self._mask.secrets:
             if record.exc_info and not record.exc_text:
                 record.exc_text = logging.Formatter().formatException(record.exc_info)
-            for secret in self._secrets:
-                text = text.replace(secret, MASK)
-                if record.exc_text:
-                    record.exc_text = record.exc_text.replace(secret, MASK)
-            record.msg, record.args = text, None
+            if record.exc_text:
+                record.exc_text = self._mask(record.exc_text)
+            record.msg, record.args = self._mask(record.getMessage()), None
         return True
 
 

@@ -59,7 +59,7 @@ from worker.broker import ATTEMPT_HEADER
 from worker.contract import ResultEvent
 from worker.errors import ConfigurationError
 from worker.limits import Circuit
-from worker.logs import MASK, gateway_id_var, request_id_var, secrets_of
+from worker.logs import Masker, gateway_id_var, request_id_var, secrets_of
 from worker.metrics import RECEIVED_HEADER, Metrics
 from worker.protocol.replies import Accepted, Reply
 from worker.settings import Settings
@@ -167,7 +167,7 @@ class Telemetry:
         self._queue = settings.amqp.requests_queue
         self._smtp_host = settings.smtp.host
         self._smtp_port = settings.smtp.port
-        self._secrets = [s for s in secrets_of(settings) if len(s) >= 3]
+        self.mask = Masker(secrets_of(settings))
 
     def watch(self, circuit: Circuit) -> None:
         self.metrics.watch(circuit)
@@ -360,11 +360,6 @@ class Telemetry:
             },
         )
         span.set_status(SpanStatus(StatusCode.ERROR, f"{kind}: {message}" if message else kind))
-
-    def mask(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, MASK)
-        return text
 
 
 class SmtpCall:
