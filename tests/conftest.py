@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -14,6 +13,7 @@ from typing import Any
 import aio_pika
 import pytest
 
+from worker import runner
 from worker.broker import RETRY_TIERS_S, retry_queue_name
 from worker.contract import ResultEvent, Status
 from worker.emulator.config import EmulatorConfig
@@ -33,10 +33,7 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return runner.free_port("127.0.0.1")
 
 
 def phone(n: int) -> str:

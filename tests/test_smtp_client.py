@@ -19,7 +19,7 @@ from worker.emulator.config import EmulatorConfig
 from worker.emulator.server import Emulator
 from worker.settings import SmtpSettings
 from worker.smtp_client import GatewaySmtp, Outcome
-from worker.smtp_server import serve_smtp
+from worker.smtp_server import bound_port, serve_smtp
 
 MAIL = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: \r\n\r\nhello\r\n"
 USER, PASSWORD = "worker", "smtp-pass-123"
@@ -64,7 +64,7 @@ def server_context(ca: trustme.CA) -> ssl.SSLContext:
 async def smtp_server(inbox: Inbox, **kwargs: Any) -> AsyncIterator[int]:
     server = await serve_smtp(inbox, "127.0.0.1", 0, **kwargs)
     try:
-        yield server.sockets[0].getsockname()[1]
+        yield bound_port(server)
     finally:
         server.close()
 

@@ -42,7 +42,7 @@ from worker.protocol.replies import Accepted, Action, Reply
 from worker.reply_receiver import ReplyHandler, reply_address
 from worker.settings import Settings
 from worker.smtp_client import GatewaySmtp, Outcome
-from worker.smtp_server import serve_smtp
+from worker.smtp_server import bound_port, serve_smtp
 from worker.state import Claim, MailRecord, MemoryStateStore, StateStore
 from worker.telemetry import Telemetry
 
@@ -132,8 +132,7 @@ class Service:
     @property
     def reply_port(self) -> int:
         assert self._reply_server is not None
-        port: int = self._reply_server.sockets[0].getsockname()[1]
-        return port
+        return bound_port(self._reply_server)
 
     @property
     def ready(self) -> bool:

@@ -16,6 +16,12 @@ from typing import Any
 from aiosmtpd.smtp import SMTP
 
 
+def bound_port(server: asyncio.Server) -> int:
+    """The port a server listens on (the one picked for it when it asked for 0)."""
+    port: int = server.sockets[0].getsockname()[1]
+    return port
+
+
 async def serve_smtp(
     handler: object,
     host: str,

@@ -21,7 +21,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from worker.emulator import Emulator, EmulatorConfig
 from worker.emulator.waiting import Signal
-from worker.smtp_server import serve_smtp
+from worker.smtp_server import bound_port, serve_smtp
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class SmtpSink:
 
     async def start(self) -> None:
         server = await serve_smtp(self, self.host, self._requested_port)
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = bound_port(server)
         self._server = server
 
     async def stop(self) -> None:

@@ -28,7 +28,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from worker.protocol.decode import DecodedBody, MalformedMail, decode_mail
 from worker.protocol.mail import MAX_MAIL_BYTES
 from worker.protocol.replies import Rejected, render_reply
-from worker.smtp_server import serve_smtp
+from worker.smtp_server import bound_port, serve_smtp
 
 from .config import EmulatorConfig
 from .faults import Faults
@@ -193,7 +193,7 @@ class Emulator:
             smtp_class=_GatewaySMTP,
             data_size_limit=MAX_MAIL_BYTES,
         )
-        self._port = self._server.sockets[0].getsockname()[1]
+        self._port = bound_port(self._server)
 
     async def stop_listening(self, *, drop_open: bool) -> None:
         """Close the listening socket (connects are refused); with `drop_open`, also abort
