@@ -15,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import aio_pika
@@ -31,6 +30,7 @@ from aio_pika.abc import (
 from pamqp.commands import Basic
 from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
 
+from worker.confirmed_publish import RawMessage, publish_confirmed
 from worker.contract import ResultEvent
 from worker.settings import AmqpSettings
 
@@ -45,7 +45,6 @@ BasicProperties = Basic.Properties
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 PUBLISH_ATTEMPTS = 3
 RECONNECT_INTERVAL_S = 1.0
-Publish = Callable[[], Awaitable[object]]
 RETRY_TIERS_S = tuple(1 << n for n in range(11))  # 1 s .. 1024 s
 
 
@@ -91,16 +90,18 @@ class RequestCopy:
             content_type=message.content_type,
         )
 
-    def to_message(self, extra_headers: Mapping[str, Any]) -> aio_pika.Message:
-        return aio_pika.Message(
-            self.body,
+    def to_message(
+        self, exchange: str, routing_key: str, extra_headers: Mapping[str, Any]
+    ) -> RawMessage:
+        properties = BasicProperties(
             headers={**self.headers, **extra_headers},
             content_type=self.content_type,
             message_id=self.message_id,
             correlation_id=self.correlation_id,
             reply_to=self.reply_to,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=PERSISTENT,
         )
+        return RawMessage(exchange, routing_key, self.body, properties)
 
 
 class Acker:
@@ -242,14 +243,15 @@ class Broker:
     def is_connected(self) -> bool:
         return self.connection is not None and not self.connection.is_closed
 
-    async def _confirmed(self, publishes: list[Publish]) -> None:
-        """Await a set of publishes together (confirms pipelined), within the deadline.
+    async def _confirmed(self, messages: list[RawMessage]) -> None:
+        """Publish a set with confirms pipelined, within the deadline.
 
         A set that is not confirmed in time (a reconnect, a lost confirm) is published again
         a few times before the caller hears of it; a consumer may then see an event twice,
         which its stable `event_id` lets it drop."""
-        if not publishes:
+        if not messages:
             return
+        assert self._publish_channel is not None
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(PUBLISH_ATTEMPTS),
             wait=wait_random_exponential(multiplier=0.2, max=2),
@@ -257,24 +259,13 @@ class Broker:
         ):
             with attempt:
                 async with asyncio.timeout(self.settings.publish_timeout_s):
-                    await asyncio.gather(*(publish() for publish in publishes))
-
-    async def _publish_raw(
-        self, exchange: str, routing_key: str, body: bytes, properties: BasicProperties
-    ) -> None:
-        """One confirmed publish straight through aiormq: events go out by the thousand,
-        and aio-pika's Message objects cost more than the publish itself."""
-        assert self._publish_channel is not None
-        channel = await self._publish_channel.get_underlay_channel()
-        # A nack from the broker raises aiormq's DeliveryError.
-        await channel.basic_publish(
-            body, exchange=exchange, routing_key=routing_key, properties=properties
-        )
+                    channel = await self._publish_channel.get_underlay_channel()
+                    await publish_confirmed(channel, messages)
 
     async def publish_events(self, outgoing: Iterable[Outgoing]) -> None:
         """Publish every event with a confirm; raise if any is not confirmed in time."""
         assert self.results is not None
-        publishes: list[Publish] = []
+        messages: list[RawMessage] = []
         events = []
         for item in outgoing:
             events.append(item.event)
@@ -287,44 +278,38 @@ class Broker:
                 message_type=f"sms.result.{item.event.status.value}",
                 headers=dict(item.headers or {}),
             )
-            publishes.append(
-                partial(
-                    self._publish_raw, self.results.name, item.event.routing_key, body, properties
-                )
-            )
+            messages.append(RawMessage(self.results.name, item.event.routing_key, body, properties))
             if item.reply_to:
-                publishes.append(partial(self._publish_raw, "", item.reply_to, body, properties))
-        await self._confirmed(publishes)
+                messages.append(RawMessage("", item.reply_to, body, properties))
+        await self._confirmed(messages)
         if self._published is not None:
             self._published(events)
 
     async def dead_letter(self, items: Iterable[tuple[RequestCopy, str, str]]) -> None:
         """Copy each request to the dead-letter exchange with the reason in its headers."""
-        assert self.dead_letters is not None
-        publishes: list[Publish] = [
-            partial(
-                self.dead_letters.publish,
-                copy.to_message({ERROR_CODE_HEADER: code, ERROR_HEADER: reason[:1000]}),
-                routing_key=self.settings.requests_queue,
-            )
-            for copy, code, reason in items
-        ]
-        await self._confirmed(publishes)
+        await self._confirmed(
+            [
+                copy.to_message(
+                    self.settings.dead_letter_exchange,
+                    self.settings.requests_queue,
+                    {ERROR_CODE_HEADER: code, ERROR_HEADER: reason[:1000]},
+                )
+                for copy, code, reason in items
+            ]
+        )
 
     async def delay(self, items: Iterable[tuple[RequestCopy, float, Mapping[str, Any]]]) -> None:
         """Send each request back to the work queue after (about) the given delay, with
         headers updated (attempt count, split group): the wait is held by RabbitMQ, not
         in this process's memory."""
-        assert self._publish_channel is not None
-        default = self._publish_channel.default_exchange
-        publishes: list[Publish] = []
+        messages: list[RawMessage] = []
         for copy, delay_s, headers in items:
             if delay_s <= 0:
                 target = self.settings.requests_queue
             else:
                 target = retry_queue_name(self.settings, retry_tier(delay_s))
-            publishes.append(partial(default.publish, copy.to_message(headers), routing_key=target))
-        await self._confirmed(publishes)
+            messages.append(copy.to_message("", target, headers))
+        await self._confirmed(messages)
 
     def consuming_queue(self) -> AbstractQueue:
         assert self.requests is not None
