@@ -244,7 +244,7 @@ class Broker:
         return self.connection is not None and not self.connection.is_closed
 
     async def _confirmed(self, messages: list[RawMessage]) -> None:
-        """Publish a set with confirms pipelined, within the deadline.
+        """Publish a set in one write, its confirms awaited together, within the deadline.
 
         A set that is not confirmed in time (a reconnect, a lost confirm) is published again
         a few times before the caller hears of it; a consumer may then see an event twice,
