@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
+from tests.support.texts import sendable
 from worker.errors import InvalidRequest
 from worker.protocol.decode import decode_mail
-from worker.protocol.fields import Format, SendTime, Translit, check_text
+from worker.protocol.fields import Format, SendTime, Translit
 from worker.protocol.mail import (
     MAX_LINE_OCTETS,
     MAX_MAIL_BYTES,
@@ -470,14 +471,6 @@ def test_a_line_too_large_for_an_empty_mail_raises() -> None:
 # --- the builder's arithmetic, property-tested ------------------------------------------------
 
 
-def acceptable(text: str) -> bool:
-    try:
-        check_text(text)
-    except InvalidRequest:
-        return False
-    return True
-
-
 builder_texts = st.one_of(
     st.text(alphabet=st.sampled_from(list("ab: ,\\\nжЯё€")), max_size=40),
     st.builds(
@@ -485,7 +478,7 @@ builder_texts = st.one_of(
         st.sampled_from(["a", "ж", "😀", "€", "\n"]),
         st.integers(min_value=300, max_value=1000),
     ),
-).filter(acceptable)
+).filter(sendable)
 builder_lines = st.builds(
     ListLine,
     st.lists(st.sampled_from([PHONE, OTHER, "G12", "79990000001"]), min_size=1, max_size=3).map(

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
+from tests.support.texts import sendable
 from worker.errors import InvalidRequest
 from worker.protocol.decode import (
     DecodedBody,
@@ -27,7 +28,6 @@ from worker.protocol.fields import (
     check_login,
     check_option_line,
     check_password,
-    check_text,
 )
 from worker.protocol.mail import (
     Account,
@@ -45,14 +45,6 @@ ROUND_TRIP = settings(
 )
 DATE = "Tue, 25 Nov 2025 18:00:00 +0000"
 MSG_ID = "<rt@worker.example>"
-
-
-def accepted(text: str) -> bool:
-    try:
-        check_text(text)
-    except InvalidRequest:
-        return False
-    return True
 
 
 def fits(text: str, charset: str) -> bool:
@@ -83,7 +75,7 @@ def texts(chars: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     pieces = st.one_of(chars, st.sampled_from(TRICKY), st.sampled_from(["\n", "\\", ":", "\\\n"]))
     short = joined(pieces, 60)
     long = st.builds(lambda seed, pad: (seed + pad * 1000)[:1000], joined(pieces, 30), chars)
-    return st.one_of(short, short, long).filter(accepted)
+    return st.one_of(short, short, long).filter(sendable)
 
 
 def option_values(chars: st.SearchStrategy[str]) -> st.SearchStrategy[str | None]:
@@ -317,9 +309,9 @@ def test_no_text_changes_the_recipients_or_the_number_of_lines(
         else:
             raw = encode_mail(envelope, account, "5", options, lines, date=DATE, message_id=MSG_ID)
     except InvalidRequest:
-        assert not all(accepted(t) for t in texts_)
+        assert not all(sendable(t) for t in texts_)
         return
-    assert all(accepted(t) for t in texts_)
+    assert all(sendable(t) for t in texts_)
     body = decode_mail(raw).body
     assert len(body.lines) == len(lines)
     assert [line.phones for line in body.lines] == [line.phones for line in lines]
@@ -342,7 +334,7 @@ def test_rejected_texts_raise_invalid_request_in_both_encoders(text: str) -> Non
         encode_single(envelope, account, "5", MailOptions(), line, date=DATE, message_id=MSG_ID)
         encode_mail(envelope, account, "5", MailOptions(), [line], date=DATE, message_id=MSG_ID)
 
-    if accepted(text):
+    if sendable(text):
         event("accepted")
         both()
     else:
