@@ -2,7 +2,7 @@
 VENV := .venv
 UV := $(shell command -v uv 2>/dev/null || echo .uv-venv/bin/uv)
 
-.PHONY: run test lint bench schemas rabbitmq
+.PHONY: run test lint bench schemas rabbitmq redis
 
 .uv-venv/bin/uv:
 	python3 -m venv .uv-venv
@@ -15,6 +15,10 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 rabbitmq:
 	scripts/ensure-rabbitmq
 
+# The shared state store the tests and the benchmark use; `make run` keeps its state in memory.
+redis:
+	scripts/ensure-redis
+
 run: $(VENV)/.synced rabbitmq
 	$(VENV)/bin/smsc-worker run --emulator
 
@@ -23,10 +27,10 @@ lint: $(VENV)/.synced
 	$(VENV)/bin/ruff format --check worker tests bench
 	$(VENV)/bin/mypy worker
 
-test: lint rabbitmq
+test: lint rabbitmq redis
 	$(VENV)/bin/pytest -n 2 -q
 
-bench: $(VENV)/.synced rabbitmq
+bench: $(VENV)/.synced rabbitmq redis
 	$(VENV)/bin/python -m bench.run
 
 schemas: $(VENV)/.synced

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -12,6 +13,9 @@ from typing import Any
 
 import aio_pika
 import pytest
+import redis.asyncio
+from hypothesis import settings as hypothesis_settings
+from pydantic import SecretStr
 
 from worker import runner
 from worker.broker import RETRY_TIERS_S, retry_queue_name
@@ -27,9 +31,21 @@ from worker.settings import (
     RetrySettings,
     Settings,
     SmtpSettings,
+    StateSettings,
 )
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# Property tests: "ci" (the default, so every `make test` too) draws the same examples on
+# every run and keeps no example database, so a run passes or fails the same way on every
+# machine; HYPOTHESIS_PROFILE=dev draws fresh random examples and remembers failures.
+# A test's own max_examples, where it sets one, applies under either profile.
+hypothesis_settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, print_blob=True, max_examples=100
+)
+hypothesis_settings.register_profile("dev", print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def free_port() -> int:
@@ -169,6 +185,24 @@ async def collecting(amqp: AmqpSettings) -> AsyncIterator[tuple[Broker, Results]
 
         await queue.consume(on_event)
         yield Broker(amqp, channel), results
+
+
+async def delete_keys(prefix: str) -> None:
+    """Every Redis key under a test's prefix (the server is shared: nothing is flushed)."""
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            await client.unlink(key)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def shared_state() -> AsyncIterator[StateSettings]:
+    """A Redis state store of the test's own (a unique key prefix), deleted afterwards."""
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    yield StateSettings(url=SecretStr(REDIS_URL), key_prefix=prefix, owner_ttl_s=3)
+    await delete_keys(prefix)
 
 
 @pytest.fixture

@@ -32,13 +32,23 @@ SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 # kubernetes-validate knows.
 OLDEST_KUBE = CHART_YAML["kubeVersion"].removeprefix(">=").removesuffix("-0").strip()
 KUBE_VERSIONS = (OLDEST_KUBE, latest_version())
-SECRET_FILES = {"SMSC_AMQP__URL", "SMSC_GATEWAY__PASSWORD", "SMSC_SMTP__PASSWORD"}
+SECRET_FILES = {
+    "SMSC_AMQP__URL", "SMSC_GATEWAY__PASSWORD", "SMSC_SMTP__PASSWORD", "SMSC_STATE__URL",
+}  # fmt: skip
 
-CREDENTIALS = """
+# The required secrets alone: enough for one replica, which may keep its state in memory.
+CREDENTIALS_WITHOUT_STATE = """
 secrets:
   amqpUrl: amqp://worker:s3cret@rabbitmq.sms.svc:5672/sms
   gatewayPassword: gateway-pass
 """
+STATE_URL = "redis://:r3dis-pass@redis.sms.svc:6379/0"
+# More than one replica (the chart's default is 2) needs the shared state store too.
+CREDENTIALS = CREDENTIALS_WITHOUT_STATE + f"  stateUrl: {STATE_URL}\n"
+SHARED_STATE_MESSAGE = (
+    "replicas share their ledger and limits in Redis; "
+    "set secrets.stateUrl (or secrets.existingSecret with SMSC_STATE__URL)"
+)
 # The value sets every render test runs with, written as a user's values files.
 VALUE_SETS = {
     "defaults": CREDENTIALS,
@@ -63,6 +73,7 @@ autoscaling:
   keda:
     enabled: true
 """,
+    "single-replica": CREDENTIALS_WITHOUT_STATE + "replicaCount: 1\n",
     "service-monitor": CREDENTIALS
     + """
 serviceMonitor:
@@ -76,6 +87,7 @@ secrets:
   amqpUrl: amqps://worker:s3cret@rabbitmq.example.net:5671/sms
   gatewayPassword: api-key
   smtpPassword: smtp-pass
+  stateUrl: rediss://worker:r3dis-pass@redis.example.net:6380/2
 image:
   repository: registry.example.net/smsc-worker
   digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
@@ -99,6 +111,9 @@ settings:
   amqp:
     prefetch: 1000000
   default_channel: 1
+  state:
+    key_prefix: smsc-prod
+    timeout_s: 0.5
   observability:
     health_port: 8081
     metrics_port: 9200
@@ -266,6 +281,7 @@ def test_manifests_match_kubernetes_schemas(
     ("value_set", "expected"),
     [
         ("defaults", set()),
+        ("single-replica", set()),
         ("keda", {"ScaledObject", "TriggerAuthentication"}),
         ("hpa", {"HorizontalPodAutoscaler"}),
         ("existing-secret", {"ScaledObject", "TriggerAuthentication"}),
@@ -289,9 +305,11 @@ def test_optional_resources_follow_their_switches(
         "settings:\n  gateway:\n    logn: acme",
         "autoscaling:\n  keda:\n    queuename: sms.requests",
         "secrets:\n  amqpURL: amqp://x",
+        "secrets:\n  stateURL: redis://x",
         # Secret settings have no place in the ConfigMap's settings.
         "settings:\n  gateway:\n    password: hunter2",
         "settings:\n  amqp:\n    url: amqp://x",
+        "settings:\n  state:\n    url: redis://x",
     ],
 )
 def test_unknown_values_are_rejected(chart: helm.Chart, typo: str) -> None:
@@ -311,6 +329,7 @@ def test_unknown_values_are_rejected(chart: helm.Chart, typo: str) -> None:
         "serviceMonitor:\n  interval: 30",
         "podDisruptionBudget:\n  maxUnavailable: one",
         "replyService:\n  type: Ingress",
+        "secrets:\n  stateUrl: 6379",
         # Scaling to zero would leave no receiver for the gateway's replies.
         "autoscaling:\n  keda:\n    minReplicaCount: 0",
     ],
@@ -338,6 +357,65 @@ def test_hpa_and_keda_together_are_rejected(chart: helm.Chart) -> None:
 def test_inconsistent_values_fail_the_render(chart: helm.Chart, values: str, message: str) -> None:
     with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
         render(chart, values)
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        # The chart's default replicaCount is 2.
+        ("", "replicaCount is 2"),
+        ("replicaCount: 3", "replicaCount is 3"),
+        ("replicaCount: 1\nautoscaling:\n  hpa:\n    enabled: true", "autoscaling.hpa.enabled"),
+        ("replicaCount: 1\nautoscaling:\n  keda:\n    enabled: true", "autoscaling.keda.enabled"),
+    ],
+)
+def test_more_than_one_replica_needs_shared_state(
+    chart: helm.Chart, values: str, named: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError) as failed:
+        render(chart, CREDENTIALS_WITHOUT_STATE + values)
+    assert named in str(failed.value)
+    assert SHARED_STATE_MESSAGE in str(failed.value)
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        "replicaCount: 2",
+        "autoscaling:\n  hpa:\n    enabled: true",
+        "autoscaling:\n  keda:\n    enabled: true",
+    ],
+)
+@pytest.mark.parametrize(
+    "secrets",
+    [CREDENTIALS, "secrets:\n  existingSecret: smsc-credentials\n"],
+    ids=["state-url", "existing-secret"],
+)
+def test_shared_state_allows_more_than_one_replica(
+    chart: helm.Chart, secrets: str, scaling: str
+) -> None:
+    """An existing Secret is taken to hold SMSC_STATE__URL, as it is SMSC_AMQP__URL."""
+    one(render(chart, secrets + scaling), "Deployment")
+
+
+def test_one_replica_may_keep_its_state_in_memory(chart: helm.Chart) -> None:
+    docs = render(chart, VALUE_SETS["single-replica"])
+    assert one(docs, "Deployment")["spec"]["replicas"] == 1
+    assert "SMSC_STATE__URL" not in one(docs, "Secret")["data"]
+    assert "shared with no other pod" in notes(chart, VALUE_SETS["single-replica"])
+    assert "Replicas share their ledger and limits through Redis" in notes(chart, CREDENTIALS)
+
+
+@pytest.mark.parametrize("value_set", ["defaults", "options"])
+def test_state_url_is_a_secret_file(chart: helm.Chart, value_set: str) -> None:
+    values = VALUE_SETS[value_set]
+    (url,) = re.findall(r"stateUrl: (\S+)", values)
+    manifests = chart.render(values_file(values), name=RELEASE, namespace=NAMESPACE)
+    docs = render(chart, values)
+    assert base64.b64decode(one(docs, "Secret")["data"]["SMSC_STATE__URL"]).decode() == url
+    # Nowhere else in clear: not in the ConfigMap, the Deployment or the notes.
+    assert [path for path, text in manifests.items() if url in text] == []
+    assert "SMSC_STATE__URL" not in one(docs, "ConfigMap")["data"]
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
@@ -392,6 +470,8 @@ def test_secrets_reach_the_pod_only_as_files(chart: helm.Chart, value_set: str) 
     assert all("secretRef" not in source for source in main["envFrom"])
     assert all("valueFrom" not in variable for variable in main["env"])
     assert not SECRET_FILES & set(one(docs, "ConfigMap")["data"])
+    for secret in ("s3cret", "gateway-pass", "api-key", "smtp-pass", "r3dis-pass"):
+        assert secret not in json.dumps(one(docs, "ConfigMap"))
     secrets_dir = next(v["value"] for v in main["env"] if v["name"] == "SMSC_SECRETS_DIR")
     volume = secret_volume(docs)
     (mount,) = [m for m in main["volumeMounts"] if m["mountPath"] == secrets_dir]
@@ -428,9 +508,12 @@ def test_config_changes_roll_the_pods(chart: helm.Chart) -> None:
     base = annotations(CREDENTIALS)
     setting = annotations(CREDENTIALS + "settings:\n  gateway:\n    login: other")
     secret = annotations(CREDENTIALS.replace("gateway-pass", "rotated"))
+    state = annotations(CREDENTIALS.replace(STATE_URL, "redis://redis-2.sms.svc:6379/0"))
     assert setting["checksum/config"] != base["checksum/config"]
     assert setting["checksum/secret"] == base["checksum/secret"]
     assert secret["checksum/secret"] != base["checksum/secret"]
+    assert state["checksum/secret"] != base["checksum/secret"]
+    assert state["checksum/config"] == base["checksum/config"]
     assert "checksum/secret" not in annotations(VALUE_SETS["existing-secret"])
 
 
@@ -473,6 +556,10 @@ def test_rendered_configuration_loads_in_the_worker(
     assert settings.amqp.url.get_secret_value().startswith("amqps://worker:s3cret@")
     assert settings.gateway.password.get_secret_value() == "api-key"
     assert settings.smtp.password.get_secret_value() == "smtp-pass"
+    assert settings.state.url.get_secret_value() == (
+        "rediss://worker:r3dis-pass@redis.example.net:6380/2"
+    )
+    assert (settings.state.key_prefix, settings.state.timeout_s) == ("smsc-prod", 0.5)
     assert (settings.gateway.login, settings.gateway.text_tags) == ("acme", True)
     assert settings.amqp.prefetch == 1_000_000
     assert settings.observability.drain_timeout_s == 90.5

@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from worker.limits import Circuit, CircuitState, ContentWindow, SubscriberStreaks
-from worker.settings import LimitSettings
-from worker.state import MemoryStateStore
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from worker.limits import CircuitRule, ContentWindow, Pace, SubscriberStreaks
 
 
 def test_identical_content_goes_twice_per_window_then_waits_for_the_oldest() -> None:
@@ -40,54 +28,30 @@ def test_a_subscriber_streak_stops_at_the_limit_until_the_gap_passes() -> None:
     assert streaks.wait("+79161234567", 150) == 0
 
 
-async def test_the_store_admits_counts_and_refunds() -> None:
-    clock = Clock()
-    limits = LimitSettings(identical_window_s=60, subscriber_streak=50, subscriber_gap_s=120)
-    store = MemoryStateStore(limits, clock)
-    assert (await store.admit("same", ("a",))).wait == 0
-    assert (await store.admit("same", ("b",))).wait == 0
-    third = await store.admit("same", ("c",))
-    assert third.reason == "identical_content" and third.wait == 60
-    await store.refund("same")
-    assert (await store.admit("same", ("c",))).wait == 0
-    for n in range(49):  # with "same" above: 50 messages to "a" in one streak
-        assert (await store.admit(f"text-{n}", ("a",))).wait == 0
-    flood = await store.admit("one more", ("a",))
-    assert flood.reason == "subscriber_flood" and flood.wait == 120
-    clock.now += 120
-    assert (await store.admit("one more", ("a",))).wait == 0
+def test_the_pace_lets_a_seconds_worth_through_then_spaces_the_rest() -> None:
+    pace = Pace(rate=2)
+    assert pace.take(1, 100.0) == 0
+    assert pace.take(1, 100.0) == 0
+    assert pace.take(1, 100.0) == 0.5
+    assert pace.take(1, 100.5) == 0
+    # A cost over one second's worth takes the whole second, not forever.
+    assert Pace(rate=2).take(50, 100.0) == 0
 
 
-async def test_request_ids_are_duplicates_while_in_flight_or_sent_within_the_ttl() -> None:
-    clock = Clock()
-    store = MemoryStateStore(LimitSettings(dedup_ttl_s=100), clock)
-    assert await store.claim("r1") == "new"
-    assert await store.claim("r1") == "duplicate"
-    await store.release("r1")
-    assert await store.claim("r1") == "new"
-    await store.mark_sent("r1")
-    clock.now += 99
-    assert await store.claim("r1") == "duplicate"
-    clock.now += 2
-    assert await store.claim("r1") == "new"
-
-
-async def test_the_circuit_pauses_then_lets_one_probe_through() -> None:
-    clock = Clock()
-    circuit = Circuit(base=1, cap=4, clock=clock)
-    assert circuit.open("blocked") == 1
-    waiter = asyncio.create_task(circuit.acquire())
-    await asyncio.sleep(0.01)
-    assert not waiter.done()
-    clock.now += 1
-    await asyncio.wait_for(waiter, 2)
-    assert circuit.state == CircuitState.half_open
-    second = asyncio.create_task(circuit.acquire())
-    await asyncio.sleep(0.01)
-    assert not second.done(), "only one probe while half-open"
+def test_the_circuit_pauses_then_lets_one_probe_through_and_doubles() -> None:
+    circuit = CircuitRule(base=1, cap=4)
+    assert circuit.gate(10) == (0.0, False)
+    assert circuit.open("blocked", None, 10) == 1
+    assert circuit.view(10) == "open"
+    assert circuit.gate(10.5) == (0.5, False)
+    assert circuit.gate(11) == (0.0, True)
+    assert circuit.view(11) == "half_open"
+    assert circuit.gate(11.2)[0] > 0, "only one probe while half-open"
+    assert circuit.gate(12.1) == (0.0, True), "a probe with no verdict lets the next go"
     circuit.close()
-    await asyncio.wait_for(second, 1)
-    assert circuit.open("again") == 1
-    assert circuit.open("and again") == 2
-    assert circuit.open("still") == 4
-    assert circuit.open("capped") == 4
+    assert circuit.gate(12.2) == (0.0, False)
+    assert circuit.open("again", None, 20) == 1
+    assert circuit.open("and again", None, 20) == 2
+    assert circuit.open("still", None, 20) == 4
+    assert circuit.open("capped", None, 20) == 4
+    assert circuit.open("funds", 300, 20) == 300

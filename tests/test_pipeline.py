@@ -8,8 +8,8 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 from tests.conftest import collecting, gateway_and_worker, phone
-from worker.broker import ERROR_CODE_HEADER
 from worker.contract import Status
+from worker.delivery import ERROR_CODE_HEADER
 from worker.settings import AmqpSettings, BatchSettings, LimitSettings
 
 

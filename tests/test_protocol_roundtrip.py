@@ -28,6 +28,8 @@ from worker.protocol.fields import (
     check_login,
     check_option_line,
     check_password,
+    check_sender,
+    is_email_sender,
 )
 from worker.protocol.mail import (
     Account,
@@ -117,11 +119,27 @@ send_times = st.one_of(
     st.just(SendTime("0112251230", tz=2)),
     st.just(SendTime("01.12.25 12.30")),
 )
-senders = st.one_of(
+# A sender is drawn for the format it goes with: the email format's sender is the sender's
+# e-mail address (and check_sender reads any sender with `@` there as one); every other
+# format takes a registered name (which may hold `@`, but is not an address) or digits.
+SMS_SENDERS = st.one_of(
     st.just(""),
-    st.from_regex(r"[A-Za-z0-9 .\-_!&'+@#]{1,11}", fullmatch=True),
+    st.from_regex(r"[A-Za-z0-9 .\-_!&'+@#]{1,11}", fullmatch=True).filter(
+        lambda s: not is_email_sender(s)
+    ),
     st.from_regex(r"[0-9]{1,15}", fullmatch=True),
 )
+EMAIL_SENDERS = st.one_of(
+    EMAILS,
+    st.from_regex(
+        r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,30}@[A-Za-z0-9-]{1,12}(\.[A-Za-z0-9-]{1,12}){1,3}",
+        fullmatch=True,
+    ),
+)
+
+
+def senders(fmt: Format) -> st.SearchStrategy[str]:
+    return EMAIL_SENDERS if fmt == Format.email else SMS_SENDERS
 
 
 @dataclass(frozen=True)
@@ -170,7 +188,7 @@ def cases(draw: st.DrawFn, alphabet: str) -> Case:
         send_time=draw(send_times),
         translit=draw(st.one_of(st.none(), st.sampled_from(list(Translit)))),
         format=fmt,
-        sender=draw(senders | EMAILS if fmt == Format.email else senders),
+        sender=draw(senders(fmt)),
         test=draw(st.booleans()),
         subject=subject,
         voice=draw(option_values(chars)),
@@ -256,6 +274,16 @@ def check_round_trip(case: Case) -> None:
     event(f"charset {decoded.charset}")
     event("1000-character text" if any(len(x.text) == 1000 for x in case.lines) else "short texts")
     event("single" if case.single else "list mode")
+    if case.options.format == Format.email:
+        event("email format, e-mail address sender")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(list(Format)), st.data())
+def test_senders_are_drawn_valid_for_their_format(fmt: Format, data: st.DataObject) -> None:
+    sender = data.draw(senders(fmt))
+    assert check_sender(sender, fmt=fmt) == sender
+    assert is_email_sender(sender) == (fmt == Format.email)
 
 
 @ROUND_TRIP

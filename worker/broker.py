@@ -1,4 +1,4 @@
-"""RabbitMQ I/O: the queues and exchanges, confirmed publishing, and frugal acking.
+"""RabbitMQ I/O: the queues and exchanges, and confirmed publishing.
 
 Topology (all durable):
 - `<requests>`: quorum queue, delivery limit, dead-letters at least once to `<dlx>`;
@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,6 @@ import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
-    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
 )
@@ -32,15 +30,11 @@ from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
 
 from worker.confirmed_publish import RawMessage, publish_confirmed
 from worker.contract import ResultEvent
+from worker.delivery import ERROR_CODE_HEADER, ERROR_HEADER, RequestCopy
 from worker.settings import AmqpSettings
 
 log = logging.getLogger(__name__)
 
-ATTEMPT_HEADER = "x-smsc-attempt"
-FIRST_SEEN_HEADER = "x-smsc-first-seen"
-GROUP_HEADER = "x-smsc-group"
-ERROR_CODE_HEADER = "x-smsc-error-code"
-ERROR_HEADER = "x-smsc-error"
 BasicProperties = Basic.Properties
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 PUBLISH_ATTEMPTS = 3
@@ -66,106 +60,6 @@ class Outgoing:
     reply_to: str | None = None
     correlation_id: str | None = None
     headers: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RequestCopy:
-    """What is needed to publish a request again after its delivery has been settled."""
-
-    body: bytes
-    headers: Mapping[str, Any]
-    message_id: str | None = None
-    correlation_id: str | None = None
-    reply_to: str | None = None
-    content_type: str | None = None
-
-    @classmethod
-    def of(cls, message: AbstractIncomingMessage) -> RequestCopy:
-        return cls(
-            body=message.body,
-            headers=dict(message.headers or {}),
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            content_type=message.content_type,
-        )
-
-    def to_message(
-        self, exchange: str, routing_key: str, extra_headers: Mapping[str, Any]
-    ) -> RawMessage:
-        properties = BasicProperties(
-            headers={**self.headers, **extra_headers},
-            content_type=self.content_type,
-            message_id=self.message_id,
-            correlation_id=self.correlation_id,
-            reply_to=self.reply_to,
-            delivery_mode=PERSISTENT,
-        )
-        return RawMessage(exchange, routing_key, self.body, properties)
-
-
-class Acker:
-    """Acks with `multiple=True` whenever a run of settled messages starts at the oldest
-    unacked one, so a batch of a thousand requests costs a few frames, not a thousand.
-
-    Delivery tags belong to one channel; messages from a channel that has since been
-    replaced (a reconnect) cannot be acked: the broker redelivers them, and the caller's
-    idempotency keeps that harmless."""
-
-    def __init__(self) -> None:
-        self._outstanding: dict[int, deque[AbstractIncomingMessage]] = {}
-        self._settled: dict[int, dict[int, bool]] = {}
-
-    def received(self, message: AbstractIncomingMessage) -> None:
-        key = id(message.channel)
-        self._outstanding.setdefault(key, deque()).append(message)
-        self._settled.setdefault(key, {})
-
-    async def ack(self, messages: Iterable[AbstractIncomingMessage]) -> None:
-        touched = set()
-        for message in messages:
-            key = id(message.channel)
-            self._settled.setdefault(key, {})[self._tag(message)] = True
-            touched.add(key)
-        for key in touched:
-            await self._flush(key)
-
-    async def settled_otherwise(self, message: AbstractIncomingMessage) -> None:
-        """The message was rejected or nacked by itself: no ack must cover it."""
-        key = id(message.channel)
-        self._settled.setdefault(key, {})[self._tag(message)] = False
-        await self._flush(key)
-
-    @staticmethod
-    def _tag(message: AbstractIncomingMessage) -> int:
-        tag = message.delivery_tag
-        assert tag is not None
-        return tag
-
-    async def _flush(self, key: int) -> None:
-        queue = self._outstanding.get(key)
-        if queue is None:
-            # A channel already given up on: nothing of it can be acked any more.
-            self._settled.pop(key, None)
-            return
-        settled = self._settled[key]
-        last_to_ack: AbstractIncomingMessage | None = None
-        while queue and self._tag(queue[0]) in settled:
-            message = queue.popleft()
-            if settled.pop(self._tag(message)):
-                last_to_ack = message
-        if last_to_ack is None:
-            return
-        try:
-            await last_to_ack.ack(multiple=True)
-        except Exception as exc:
-            log.warning("ack failed (%s); the broker will redeliver", exc)
-            self._outstanding.pop(key, None)
-            self._settled.pop(key, None)
-
-    @property
-    def unacked(self) -> int:
-        return sum(len(q) for q in self._outstanding.values())
 
 
 class Broker:
@@ -262,13 +156,19 @@ class Broker:
                     channel = await self._publish_channel.get_underlay_channel()
                     await publish_confirmed(channel, messages)
 
-    async def publish_events(self, outgoing: Iterable[Outgoing]) -> None:
-        """Publish every event with a confirm; raise if any is not confirmed in time."""
+    async def publish(
+        self,
+        events: Sequence[Outgoing] = (),
+        dead_letters: Sequence[tuple[RequestCopy, str, str]] = (),
+        delays: Sequence[tuple[RequestCopy, float, Mapping[str, Any]]] = (),
+    ) -> None:
+        """Publish a settled set in one confirmed write: result events (to the results
+        exchange and the request's reply_to), dead-letter copies with the reason in their
+        headers, and copies sent back to the work queue through the retry queue fitting each
+        delay. Raise if any is not confirmed in time."""
         assert self.results is not None
         messages: list[RawMessage] = []
-        events = []
-        for item in outgoing:
-            events.append(item.event)
+        for item in events:
             body = item.event.model_dump_json().encode()
             properties = BasicProperties(
                 content_type="application/json",
@@ -281,35 +181,18 @@ class Broker:
             messages.append(RawMessage(self.results.name, item.event.routing_key, body, properties))
             if item.reply_to:
                 messages.append(RawMessage("", item.reply_to, body, properties))
-        await self._confirmed(messages)
-        if self._published is not None:
-            self._published(events)
-
-    async def dead_letter(self, items: Iterable[tuple[RequestCopy, str, str]]) -> None:
-        """Copy each request to the dead-letter exchange with the reason in its headers."""
-        await self._confirmed(
-            [
-                copy.to_message(
-                    self.settings.dead_letter_exchange,
-                    self.settings.requests_queue,
-                    {ERROR_CODE_HEADER: code, ERROR_HEADER: reason[:1000]},
-                )
-                for copy, code, reason in items
-            ]
-        )
-
-    async def delay(self, items: Iterable[tuple[RequestCopy, float, Mapping[str, Any]]]) -> None:
-        """Send each request back to the work queue after (about) the given delay, with
-        headers updated (attempt count, split group): the wait is held by RabbitMQ, not
-        in this process's memory."""
-        messages: list[RawMessage] = []
-        for copy, delay_s, headers in items:
-            if delay_s <= 0:
-                target = self.settings.requests_queue
-            else:
-                target = retry_queue_name(self.settings, retry_tier(delay_s))
+        s = self.settings
+        for copy, code, reason in dead_letters:
+            reason_headers = {ERROR_CODE_HEADER: code, ERROR_HEADER: reason[:1000]}
+            messages.append(
+                copy.to_message(s.dead_letter_exchange, s.requests_queue, reason_headers)
+            )
+        for copy, delay_s, headers in delays:
+            target = s.requests_queue if delay_s <= 0 else retry_queue_name(s, retry_tier(delay_s))
             messages.append(copy.to_message("", target, headers))
         await self._confirmed(messages)
+        if self._published is not None and events:
+            self._published([item.event for item in events])
 
     def consuming_queue(self) -> AbstractQueue:
         assert self.requests is not None

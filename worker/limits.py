@@ -3,28 +3,20 @@
 - identical content (same options, recipients and text) at most N times per window;
 - per subscriber, no streak longer than the limit of messages each less than the gap
   after the previous one;
-- a global pace in e-mails and SMS parts per second (aiolimiter's leaky bucket);
+- a global pace in e-mails and SMS parts per second (GCRA);
 - a circuit that pauses all sending after the gateway blocks the IP (error 4) or the
   account runs out of funds (error 3), then lets one probe through.
 
-The counting rules (`ContentWindow`, `SubscriberStreaks`) are kept by the `StateStore`,
-with the rest of the state a shared implementation will hold; `Limits` keeps what is
-rightly per process: the pace of this process's sending and its circuit.
+These are the rules as plain code, kept by the in-memory `StateStore`; the Redis store runs
+the same arithmetic in its scripts so that every replica shares one count.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass
-from enum import StrEnum
-
-from aiolimiter import AsyncLimiter
-
-from worker.settings import LimitSettings, RetrySettings
 
 log = logging.getLogger(__name__)
 
@@ -95,91 +87,69 @@ class SubscriberStreaks:
             del self._last[subscriber]
 
 
-class CircuitState(StrEnum):
-    closed = "closed"
-    open = "open"
-    half_open = "half_open"
+class Pace:
+    """The account's pace as a generic cell rate (GCRA): `rate` units per second with a
+    burst of one second's worth. The same arithmetic runs in the Redis store's script, so
+    every replica draws on one budget. A cost larger than the burst takes the whole burst,
+    not forever."""
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate
+        self._burst = rate
+        self._tat = 0.0
+
+    def take(self, cost: float, now: float) -> float:
+        """0 and the cost is taken; otherwise the seconds to wait, and nothing is taken."""
+        cost = min(cost, self._burst)
+        tat = max(self._tat, now)
+        allow_at = tat + cost * self._interval - 1.0
+        if allow_at > now:
+            return allow_at - now
+        self._tat = tat + cost * self._interval
+        return 0.0
 
 
-class Circuit:
+class CircuitRule:
     """Open: nothing is sent until the pause is over. Then one probe e-mail goes; its reply
-    closes the circuit, or another error opens it again for twice as long."""
+    closes the circuit, or another error opens it again for twice as long. A probe that gets
+    no verdict within a pause lets the next probe go."""
 
-    def __init__(self, base: float, cap: float, clock: Callable[[], float]) -> None:
+    def __init__(self, base: float, cap: float) -> None:
         self._base = base
         self._cap = cap
-        self._clock = clock
-        self._pause = base
-        self.state = CircuitState.closed
+        self.pause = base
+        self.open_until: float | None = None
+        self.probe_until = 0.0
         self.reason = ""
-        self._open_until = 0.0
-        self._changed = asyncio.Event()
-        self._probe_out = False
 
-    def open(self, reason: str, pause: float | None = None) -> float:
-        if self.state == CircuitState.closed:
-            self._pause = self._base
+    def open(self, reason: str, pause: float | None, now: float) -> float:
+        if self.open_until is None:
+            self.pause = self._base
         else:
-            self._pause = min(self._pause * 2, self._cap)
-        pause = self._pause if pause is None else pause
-        self._open_until = self._clock() + pause
-        self.state = CircuitState.open
+            self.pause = min(self.pause * 2, self._cap)
+        chosen = self.pause if pause is None else pause
+        self.open_until = now + chosen
+        self.probe_until = 0.0
         self.reason = reason
-        self._probe_out = False
-        log.warning("circuit open for %.0f s: %s", pause, reason)
-        return pause
-
-    def remaining(self) -> float:
-        """Seconds until the circuit lets a probe through (0 when it is not open)."""
-        if self.state == CircuitState.closed:
-            return 0.0
-        return max(self._open_until - self._clock(), 0.0)
+        return chosen
 
     def close(self) -> None:
-        if self.state != CircuitState.closed:
-            log.info("circuit closed")
-        self.state = CircuitState.closed
+        self.open_until = None
         self.reason = ""
-        self._probe_out = False
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self.probe_until = 0.0
 
-    async def acquire(self) -> None:
-        """Wait until this submission may go (closed, or the half-open probe)."""
-        while True:
-            if self.state == CircuitState.closed:
-                return
-            remaining = self._open_until - self._clock()
-            if remaining <= 0 and not self._probe_out:
-                self.state = CircuitState.half_open
-                self._probe_out = True
-                log.info("circuit half-open: sending one probe")
-                return
-            timeout = remaining if remaining > 0 else self._pause
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
-            except TimeoutError:
-                if self.state == CircuitState.half_open and self._probe_out:
-                    # The probe got no verdict in a whole pause: let traffic resume.
-                    self.close()
+    def gate(self, now: float) -> tuple[float, bool]:
+        """(seconds to wait, whether this e-mail is the probe)."""
+        if self.open_until is None:
+            return 0.0, False
+        if now < self.open_until:
+            return self.open_until - now, False
+        if now < self.probe_until:
+            return self.probe_until - now, False
+        self.probe_until = now + self.pause
+        return 0.0, True
 
-
-class Limits:
-    """This process's pace and circuit."""
-
-    def __init__(
-        self,
-        limits: LimitSettings,
-        retry: RetrySettings,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._mails = AsyncLimiter(limits.mails_per_second, 1)
-        self._parts = AsyncLimiter(limits.parts_per_second, 1)
-        self._parts_max = limits.parts_per_second
-        self.circuit = Circuit(retry.circuit_base_s, retry.circuit_max_s, clock)
-
-    async def pace(self, parts: int) -> None:
-        """Wait for the account's e-mail and SMS-part budget for one e-mail."""
-        await self._mails.acquire()
-        # An e-mail larger than one second's budget takes the whole budget, not forever.
-        await self._parts.acquire(min(parts, self._parts_max))
+    def view(self, now: float) -> str:
+        if self.open_until is None:
+            return "closed"
+        return "open" if now < self.open_until else "half_open"

@@ -12,14 +12,14 @@ hooks around the SMTP submission and the gateway's replies.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from worker.contract import ResultEvent, Status
-from worker.limits import Circuit, CircuitState
+from worker.ledger import CircuitView
 
 # Added to every request on receipt (unless a previous attempt did), in epoch milliseconds:
 # retry and deferral copies keep it, so the latencies below run from the first receipt.
@@ -82,6 +82,19 @@ class Metrics:
             ["error"],
             registry=r,
         )
+        self.settle_skipped = Counter(
+            "smsc_settle_skipped",
+            "Deliveries not acked or nacked because their channel had closed (the broker "
+            "had requeued them already)",
+            registry=r,
+        )
+        self.state_unavailable = Counter(
+            "smsc_state_unavailable",
+            "Calls to the shared state store that failed, by step",
+            ["step"],
+            registry=r,
+        )
+        self.state_up = Gauge("smsc_state_up", "1 while the shared state store answers", registry=r)
         self.circuit = Gauge(
             "smsc_circuit_state", "1 for the circuit breaker's current state", ["state"], registry=r
         )
@@ -107,13 +120,13 @@ class Metrics:
         for status in Status:
             self.results.labels(status.value)
 
-    def watch(self, circuit: Circuit) -> None:
-        """Read the circuit's state at each scrape."""
+    def watch(self, circuit: Callable[[], CircuitView]) -> None:
+        """Read the circuit's last known state at each scrape."""
 
-        def is_in(state: CircuitState) -> float:
-            return 1.0 if circuit.state == state else 0.0
+        def is_in(state: CircuitView) -> float:
+            return 1.0 if circuit() == state else 0.0
 
-        for state in CircuitState:
+        for state in CircuitView:
             self.circuit.labels(state.value).set_function(partial(is_in, state))
 
     def published(self, events: Sequence[ResultEvent]) -> None:

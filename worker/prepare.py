@@ -9,7 +9,7 @@ from datetime import datetime
 
 from worker.contract import SendRequest
 from worker.errors import InvalidRequest
-from worker.protocol.fields import Format, SendTime, Translit, check_text
+from worker.protocol.fields import Format, SendTime, Translit, check_text, is_email_sender
 from worker.protocol.mail import ListLine, MailOptions, pick_charset
 from worker.protocol.recipients import Recipient, parse_recipients
 from worker.protocol.segments import count_segments
@@ -54,6 +54,14 @@ def _send_time(request: SendRequest) -> SendTime:
     return SendTime()
 
 
+def default_sender(gateway: GatewaySettings, fmt: Format) -> str:
+    """The configured default sender where the channel takes it, else empty (the account's
+    own): an e-mail address only on the email channel, a sender name only on the others.
+    (The settings refuse an e-mail address, so the email channel gets the empty one.)"""
+    sender = gateway.default_sender
+    return sender if is_email_sender(sender) == (fmt == Format.email) else ""
+
+
 def check_not_expired(request: SendRequest, now: datetime) -> None:
     if request.expires_at is not None and request.expires_at <= now:
         raise InvalidRequest(
@@ -77,7 +85,7 @@ def prepare(
         send_time=_send_time(request),
         translit=Translit[request.translit] if request.translit else None,
         format=fmt,
-        sender=request.sender if request.sender is not None else gateway.default_sender,
+        sender=request.sender if request.sender is not None else default_sender(gateway, fmt),
         subject=request.subject,
         voice=request.voice,
     )

@@ -1,20 +1,26 @@
-"""The service: one object that owns the lifecycle and wires the parts (what becomes of
-each request is recorded by `worker.outcomes`).
+"""The service: one object that owns the lifecycle and wires the parts.
 
-consume -> validate -> limit -> batch -> submit -> publish, and replies -> publish.
+consume -> read -> judge (ledger, limits) -> batch -> gate (account, circuit, pace) ->
+submit -> settle, and replies -> settle.
 
-A request is acked only when what became of it is recorded elsewhere: its e-mail was
-accepted (or its fate is unknown) and the event saying so is confirmed, or it was moved
-to the retry or dead-letter queue by a confirmed publish. Until then it stays unacked in
-RabbitMQ, which redelivers it if this process dies.
+Every delivery ends in `Settler.settle` exactly once: the consumer callback only reads it
+and hands it to the intake, which judges a burst with one store call; each request is then
+settled where its journey ends (rejected or deferred at intake, or with its e-mail). Each
+of these steps has a last-resort `finally` that hands back to the queue whatever it did not
+settle, so no exception leaves a delivery unsettled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import hmac
 import logging
 import time
 import uuid
+from collections.abc import Coroutine, Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import formatdate
 from types import TracebackType
@@ -22,39 +28,112 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry.trace import TracerProvider
-from pydantic import ValidationError
 
 from worker.batcher import Batch, Batcher
-from worker.broker import (
-    ATTEMPT_HEADER,
-    FIRST_SEEN_HEADER,
-    GROUP_HEADER,
-    Acker,
-    Broker,
-)
-from worker.contract import SendRequest, Status
+from worker.broker import Broker
+from worker.contract import SendRequest
+from worker.delivery import Delivery, ForgedHeaders, HeaderSigner, Provenance, fingerprint
 from worker.errors import InvalidRequest
-from worker.limits import Limits
-from worker.outcomes import Outcomes, Pending, error_info
-from worker.prepare import BatchKey, check_not_expired, prepare
+from worker.fate import (
+    Accepted,
+    Fail,
+    Fate,
+    Later,
+    Reject,
+    Requeue,
+    Subject,
+    after_error,
+    after_submission,
+    from_verdict,
+    give_up_or_later,
+    read_request,
+    request_id_of,
+)
+from worker.ledger import (
+    CarriedRequest,
+    CircuitView,
+    GateKind,
+    Intake,
+    MailRecord,
+    StateStore,
+    StateUnavailable,
+)
+from worker.ledger.factory import open_store
+from worker.ledger.memory import MemoryStateStore
+from worker.prepare import BatchKey, PreparedRequest, check_not_expired, prepare
 from worker.protocol.mail import Account, Envelope, MailBuilder
-from worker.protocol.replies import Accepted, Action, Reply
+from worker.protocol.replies import Accepted as AcceptedReply
+from worker.protocol.replies import Reply
 from worker.reply_receiver import ReplyHandler, reply_address
 from worker.settings import Settings
-from worker.smtp_client import GatewaySmtp, Outcome
+from worker.settle import Acker, Settler
+from worker.smtp_client import GatewaySmtp, SubmitResult
 from worker.smtp_server import bound_port, serve_smtp
-from worker.state import Claim, MailRecord, MemoryStateStore, StateStore
 from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 
-def _int_header(message: AbstractIncomingMessage, name: str, default: int) -> int:
-    value = (message.headers or {}).get(name)
-    try:
-        return int(str(value)) if value is not None else default
-    except (TypeError, ValueError):
-        return default
+def header_key(settings: Settings) -> bytes:
+    """The key that signs the worker's own headers: its own setting, or one derived from
+    the gateway password, which every replica of an account shares."""
+    own = settings.state.header_key.get_secret_value()
+    if own:
+        return own.encode()
+    password = settings.gateway.password.get_secret_value().encode()
+    return hmac.new(password, b"smsc-worker header key", hashlib.sha256).digest()
+
+
+@dataclass(slots=True)
+class Pending:
+    """A request in hand: judged `new`, claimed, waiting in a batch or being submitted."""
+
+    delivery: Delivery
+    prepared: PreparedRequest
+    provenance: Provenance
+    first_seen: float
+    # Its e-mail reached DATA: from then on it is never released without knowing more.
+    sending: bool = False
+
+    @property
+    def request(self) -> SendRequest:
+        return self.prepared.request
+
+    def subject(self, *, claimed: bool = True) -> Subject:
+        return Subject(
+            delivery=self.delivery,
+            request_id=self.request.request_id,
+            copy=self.delivery.copy,
+            recipients=self.prepared.line.phones,
+            metadata=self.request.metadata,
+            attempt=self.provenance.attempt,
+            first_seen=self.first_seen,
+            content_key=self.prepared.content_key,
+            sms_parts=self.prepared.sms_parts,
+            claimed=claimed,
+        )
+
+    def carried(self) -> CarriedRequest:
+        return CarriedRequest(
+            request_id=self.request.request_id,
+            recipients=self.prepared.line.phones,
+            sms_parts=self.prepared.sms_parts,
+            attempt=self.provenance.attempt,
+            first_seen=self.first_seen,
+            metadata=dict(self.request.metadata),
+            copy=self.delivery.copy,
+            content_key=self.prepared.content_key,
+        )
+
+
+@dataclass(slots=True)
+class Arrival:
+    """A delivery once read: either its fate is already known, or it awaits the ledger."""
+
+    delivery: Delivery
+    subject: Subject
+    fate: Fate | None = None
+    pending: Pending | None = None
 
 
 class Service:
@@ -72,32 +151,41 @@ class Service:
         self.settings = settings
         self.telemetry = Telemetry(settings, tracer_provider)
         self.broker = Broker(settings.amqp, published=self.telemetry.published)
-        self.store: StateStore = store or MemoryStateStore(settings.limits)
-        self.limits = Limits(settings.limits, settings.retry)
-        self.telemetry.watch(self.limits.circuit)
+        self.store: StateStore = store or open_store(settings)
+        self.signer = HeaderSigner(header_key(settings))
+        self._acker = Acker(self.telemetry)
+        self.settler = Settler(self.broker, self.store, self._acker, self.telemetry, self.signer)
         self._account = Account(settings.gateway.login, settings.gateway.password)
-        self._acker = Acker()
-        self.outcomes = Outcomes(settings, self.broker, self.store, self._acker, self.telemetry)
         self._batcher: Batcher[Pending] = Batcher(
             self._new_builder,
             max_lines=settings.batch.max_lines,
             max_wait=settings.batch.max_wait_ms / 1000,
         )
+        self.circuit_view = CircuitView.closed
+        self.telemetry.watch(lambda: self.circuit_view)
         self._smtp: GatewaySmtp | None = None
         self._reply_server: asyncio.Server | None = None
         self._consumer_tag: str | None = None
+        # Start and stop come from the intake, the submissions, replies and the state
+        # watcher: one at a time, or two consumers could be started.
+        self._consuming = asyncio.Lock()
+        self._inbox: list[Arrival] = []
+        self._inbox_ready = asyncio.Event()
+        self._intake_idle = asyncio.Event()
+        self._intake_idle.set()
+        # Request ids in hand, so that a second copy arriving meanwhile is not sent too.
+        self._held: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
         self._submit_slots = asyncio.Semaphore(settings.smtp.connections)
         self._batch_added = asyncio.Event()
         self._submission_done = asyncio.Event()
         self._submitting: dict[str, asyncio.Future[None]] = {}
-        # A reply being handled has left the store but not yet published its events.
         self._replies_in_progress = 0
-        self._flusher: asyncio.Task[None] | None = None
-        self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.draining = False
         self.account_stopped = False
+        self.state_ok = True
 
     # lifecycle -----------------------------------------------------------------------
 
@@ -115,16 +203,24 @@ class Service:
 
     async def start(self) -> None:
         s = self.settings
+        await self.store.start()
+        self.telemetry.metrics.state_up.set(1)
         self._smtp = GatewaySmtp(s.smtp)
         self._reply_server = await serve_smtp(
             ReplyHandler(s.reply.address, self.on_reply), s.reply.host, s.reply.port
         )
         await self.broker.connect()
-        self._flusher = asyncio.create_task(self._flush_when_due())
-        self._sweeper = asyncio.create_task(self._expire_unanswered())
-        self._consumer_tag = await self.broker.consuming_queue().consume(
-            self.telemetry.consumer(self._on_message)
-        )
+        for loop in (
+            self._intake_loop,
+            self._flush_when_due,
+            self._expire_unanswered,
+            self._watch_state,
+        ):
+            self._background.append(asyncio.create_task(loop()))
+        if await self.store.account_stopped() is not None:
+            self._note_account_stopped()
+        else:
+            await self._start_consuming()
         log.info(
             "consuming %s; replies on %s:%d", s.amqp.requests_queue, s.reply.host, self.reply_port
         )
@@ -140,7 +236,8 @@ class Service:
             self.broker.is_connected
             and self._consumer_tag is not None
             and not self.draining
-            and self.limits.circuit.state == "closed"
+            and self.state_ok
+            and self.circuit_view == CircuitView.closed
         )
 
     def stop(self) -> None:
@@ -149,8 +246,18 @@ class Service:
     async def wait(self) -> None:
         await self._stopped.wait()
 
+    async def _start_consuming(self) -> None:
+        async with self._consuming:
+            if self._consumer_tag is not None or self.draining or self.account_stopped:
+                return
+            self._consumer_tag = await self.broker.consuming_queue().consume(
+                self.telemetry.consumer(self._on_message)
+            )
+
     async def _stop_consuming(self) -> None:
-        if self._consumer_tag is not None:
+        async with self._consuming:
+            if self._consumer_tag is None:
+                return
             tag, self._consumer_tag = self._consumer_tag, None
             try:
                 await self.broker.consuming_queue().cancel(tag)
@@ -160,13 +267,15 @@ class Service:
     async def drain(self) -> None:
         """Stop taking requests, send what is batched, wait for it, close."""
         self.draining = True
-        if self._flusher is not None:
-            self._flusher.cancel()
         await self._stop_consuming()
         timeout = self.settings.observability.drain_timeout_s
         deadline = time.monotonic() + timeout
-        # A request whose handling began before the consumer was cancelled may still land
-        # in a batch: flush until nothing is batched and nothing is in flight.
+        # Deliveries that arrived before the consumer was cancelled go back to the queue.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                while self._inbox or not self._intake_idle.is_set():
+                    self._inbox_ready.set()
+                    await asyncio.sleep(0.01)
         while True:
             for batch in self._batcher.drain():
                 self._spawn(self._submit(batch))
@@ -179,56 +288,33 @@ class Service:
                 for task in late:
                     task.cancel()
                 log.error("%d submissions still running after %.0f s", len(late), timeout)
+                await asyncio.wait(late, timeout=5)
                 break
         await self._await_replies(deadline)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._reply_server is not None:
             self._reply_server.close()
         if self._smtp is not None:
             await self._smtp.close()
         await self.broker.close()
+        await self.store.close()
         self._stopped.set()
         log.info("stopped")
 
-    async def _expire_unanswered(self) -> None:
-        """A reply that never comes must not keep a record forever. An e-mail that was
-        accepted stays `submitted`; one whose fate is unknown is reported `failed`, never
-        resent, since it may have gone out."""
-        timeout = self.settings.reply.timeout_s
-        while True:
-            await asyncio.sleep(min(timeout / 4, 60))
-            for stale in await self.store.unanswered(time.time() - timeout):
-                record = await self.store.take_mail(stale.mail_id)
-                if record is None:
-                    continue
-                if not record.outcome_unknown:
-                    log.warning("no reply to e-mail %s within %.0f s", record.mail_id, timeout)
-                    continue
-                message = (
-                    f"no reply to e-mail {record.mail_id} within {timeout:.0f} s after its "
-                    "SMTP session broke; it may or may not have been sent, and is not resent"
-                )
-                log.error(message)
-                try:
-                    await self.outcomes.record_events(
-                        record, Status.failed, error_info("outcome_unknown", message, False)
-                    )
-                except Exception:
-                    log.exception("could not report e-mail %s as failed", record.mail_id)
-                    await self.store.remember_mail(record)
-
     async def _await_replies(self, deadline: float) -> None:
-        """Replies to e-mails already sent can only be matched by this process (its state
-        is its own): keep the receiver open for them while the drain time lasts."""
-        while self._replies_in_progress or await self.store.unanswered(time.time()):
+        """A store of this process alone: replies to its e-mails can only be matched here,
+        so the receiver stays open for them while the drain time lasts. A shared store lets
+        any replica match them."""
+        local = isinstance(self.store, MemoryStateStore)
+        while self._replies_in_progress or (local and await self.store.unanswered(time.time())):
             if time.monotonic() >= deadline:
-                waiting = len(await self.store.unanswered(time.time()))
-                log.warning("stopping with %d e-mails still unanswered", waiting)
+                log.warning("stopping with e-mails still unanswered")
                 return
             await asyncio.sleep(0.05)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._submission_finished)
@@ -236,70 +322,207 @@ class Service:
     def _submission_finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._submission_done.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("submission failed", exc_info=task.exception())
 
-    # consume -> validate -> limit -> batch -------------------------------------------
+    # the shared state ------------------------------------------------------------------
+
+    async def _watch_state(self) -> None:
+        """Keep this process's claims alive; notice the store going away and coming back,
+        the circuit and the account's state as other replicas set them."""
+        interval = self.settings.state.owner_ttl_s / 3
+        while True:
+            try:
+                await self.store.heartbeat()
+                await self.settler.apply_backlog()
+                self.circuit_view = await self.store.circuit()
+                stopped = await self.store.account_stopped()
+            except StateUnavailable as exc:
+                self.telemetry.metrics.state_unavailable.labels("heartbeat").inc()
+                await self._state_lost(exc)
+                await asyncio.sleep(min(interval, 1.0))
+                continue
+            if not self.state_ok:
+                log.warning("the state store answers again: consuming")
+                self.state_ok = True
+                self.telemetry.metrics.state_up.set(1)
+            if stopped is not None and not self.account_stopped:
+                self._note_account_stopped()
+            if not self.account_stopped:
+                await self._start_consuming()
+            else:
+                await self._stop_consuming()
+            await asyncio.sleep(interval)
+
+    async def _state_lost(self, exc: Exception) -> None:
+        if self.state_ok:
+            log.error("the state store does not answer (%s): consuming paused", exc)
+            self.state_ok = False
+            self.telemetry.metrics.state_up.set(0)
+        await self._stop_consuming()
+
+    def _note_account_stopped(self) -> None:
+        if not self.account_stopped:
+            log.error(
+                "ALERT: the gateway refused the account's credentials; sending stopped, "
+                "requests stay queued until the account is fixed and the flag cleared"
+            )
+        self.account_stopped = True
+
+    # consume -> read -------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._acker.received(message)
-        if self.draining:
-            # Delivered before the consumer was cancelled: open batches are already flushed,
-            # so hand it back rather than start work that could outlive the connection.
-            await self.outcomes.requeue([message])
-            return
-        attempt = _int_header(message, ATTEMPT_HEADER, 1)
-        now = time.time()
-        first_seen = _int_header(message, FIRST_SEEN_HEADER, int(now))
-        group = str((message.headers or {}).get(GROUP_HEADER, ""))
         try:
-            request = SendRequest.model_validate_json(message.body)
-        except ValidationError as exc:
-            await self.outcomes.reject_unreadable(message, exc)
+            delivery = Delivery.capture(message)
+        except Exception as exc:
+            # Its channel is gone: the broker has requeued it already.
+            log.warning("delivery from a closed channel skipped: %s", exc)
+            self.telemetry.metrics.settle_skipped.inc()
             return
+        self._acker.received(delivery)
+        arrival = self._read(delivery)
+        if isinstance(arrival.fate, Reject):
+            # Logged here, in the request's span and log context; settled with its burst.
+            log.warning(
+                "rejected request %s: %s (%s)",
+                arrival.subject.request_id,
+                arrival.fate.reason,
+                arrival.fate.code,
+            )
+        self._inbox.append(arrival)
+        self._inbox_ready.set()
+
+    def _read(self, delivery: Delivery) -> Arrival:
+        """Everything about a delivery that needs no I/O: its headers, its request, and
+        what the gateway needs. Any failure is a rejection with a reason."""
+        plain = Subject(delivery, None, delivery.copy)
+        try:
+            provenance = self.signer.read(delivery.body, delivery.headers)
+        except ForgedHeaders as exc:
+            rid = request_id_of(delivery.body)
+            return Arrival(
+                delivery, replace(plain, request_id=rid), Reject("forged_header", str(exc))
+            )
+        parsed = read_request(delivery.body)
+        if isinstance(parsed, Reject):
+            return Arrival(
+                delivery, replace(plain, request_id=request_id_of(delivery.body)), parsed
+            )
+        request = parsed
         self.telemetry.request_known(request.request_id)
+        subject = replace(
+            plain,
+            request_id=request.request_id,
+            recipients=tuple(request.to),
+            metadata=request.metadata,
+            attempt=provenance.attempt,
+        )
         try:
             prepared = prepare(
                 request,
                 self.settings.gateway,
                 self.settings.default_channel,
                 datetime.now(UTC),
-                group,
+                provenance.group,
             )
         except InvalidRequest as exc:
-            await self.outcomes.reject(message, request, exc.code, exc.message)
-            return
-        if await self.store.claim(request.request_id) == Claim.duplicate:
-            await self.outcomes.reject(
-                message, request, "duplicate", "request_id was already sent", dead_letter=False
-            )
-            return
-        admission = await self.store.admit(
-            prepared.content_key, tuple(r.key for r in prepared.recipients)
+            return Arrival(delivery, subject, Reject(exc.code, exc.message))
+        except Exception as exc:
+            log.exception("request %s could not be prepared", request.request_id)
+            return Arrival(delivery, subject, Reject("unprocessable", type(exc).__name__))
+        first_seen = provenance.first_seen or time.time()
+        return Arrival(
+            delivery, subject, pending=Pending(delivery, prepared, provenance, first_seen)
         )
-        if admission.wait > 0:
-            if (
-                admission.reason == "identical_content"
-                and self.settings.limits.identical_policy == "reject"
-            ):
-                await self.store.release(request.request_id)
-                await self.outcomes.reject(
-                    message,
-                    request,
-                    "duplicate",
-                    "identical request already sent twice this minute",
-                )
-                return
-            await self.outcomes.defer(message, request, attempt, admission.wait, admission.reason)
-            return
-        pending = Pending(message, prepared, attempt, first_seen, time.monotonic())
+
+    # judge -> batch --------------------------------------------------------------------
+
+    async def _intake_loop(self) -> None:
+        while True:
+            await self._inbox_ready.wait()
+            self._inbox_ready.clear()
+            if not self._inbox:
+                continue
+            burst, self._inbox = self._inbox, []
+            self._intake_idle.clear()
+            try:
+                await self._judge(burst)
+            finally:
+                self._intake_idle.set()
+
+    async def _judge(self, burst: list[Arrival]) -> None:
+        """One store call for the burst; then each arrival is settled here or batched."""
+        decided: list[tuple[Subject, Fate]] = []
+        batched: set[int] = set()
         try:
-            closed = self._batcher.add(prepared.key, prepared.line, pending, time.monotonic())
+            waiting: list[Pending] = []
+            for arrival in burst:
+                pending = arrival.pending
+                if arrival.fate is not None:
+                    decided.append((arrival.subject, arrival.fate))
+                elif self.draining or not self.state_ok:
+                    decided.append((arrival.subject, Requeue("not taking requests now")))
+                elif pending is not None and pending.request.request_id in self._held:
+                    decided.append(
+                        (
+                            arrival.subject,
+                            Later(1.0, "in_flight", "another copy is being sent", None),
+                        )
+                    )
+                elif pending is not None:
+                    self._held.add(pending.request.request_id)
+                    waiting.append(pending)
+            if not waiting:
+                return
+            try:
+                verdicts = await self.store.intake(
+                    [
+                        Intake(
+                            p.request.request_id,
+                            fingerprint(p.delivery.body),
+                            p.prepared.content_key,
+                            tuple(r.key for r in p.prepared.recipients),
+                            p.delivery.redelivered,
+                        )
+                        for p in waiting
+                    ]
+                )
+            except StateUnavailable as exc:
+                self.telemetry.metrics.state_unavailable.labels("intake").inc()
+                await self._state_lost(exc)
+                for p in waiting:
+                    self._held.discard(p.request.request_id)
+                    decided.append((p.subject(claimed=False), Requeue("state unavailable")))
+                return
+            policy = self.settings.limits.identical_policy
+            for pending, verdict in zip(waiting, verdicts, strict=True):
+                fate = from_verdict(verdict, policy)
+                if fate is not None:
+                    self._held.discard(pending.request.request_id)
+                    decided.append((pending.subject(claimed=False), fate))
+                    continue
+                self._batch(pending, decided)
+                batched.add(id(pending.delivery))
+            self._batch_added.set()
+        finally:
+            settled = {id(s.delivery) for s, _ in decided} | batched
+            for arrival in burst:
+                if id(arrival.delivery) not in settled:
+                    decided.append((arrival.subject, Requeue("intake interrupted")))
+            if decided:
+                await asyncio.shield(self.settler.settle(decided))
+
+    def _batch(self, pending: Pending, decided: list[tuple[Subject, Fate]]) -> None:
+        try:
+            closed = self._batcher.add(
+                pending.prepared.key, pending.prepared.line, pending, time.monotonic()
+            )
         except InvalidRequest as exc:
-            await self.store.release(request.request_id)
-            await self.outcomes.reject(message, request, exc.code, exc.message)
+            self._held.discard(pending.request.request_id)
+            decided.append((pending.subject(), Reject(exc.code, exc.message)))
             return
         for batch in closed:
             self._spawn(self._submit(batch))
-        self._batch_added.set()
 
     def _new_builder(self, key: BatchKey) -> MailBuilder:
         mail_id = uuid.uuid4().hex
@@ -337,61 +560,136 @@ class Service:
             for batch in self._batcher.due(time.monotonic()):
                 self._spawn(self._submit(batch))
 
-    # submit -> publish -----------------------------------------------------------------
+    # gate -> submit -> settle ----------------------------------------------------------
 
     async def _submit(self, batch: Batch[Pending]) -> None:
-        with self.telemetry.submission([p.message.headers for p in batch.items], batch.opened_at):
-            await self._send_batch(batch)
+        live = list(batch.items)
+        try:
+            with self.telemetry.submission([p.delivery.headers for p in live], batch.opened_at):
+                async with self._submit_slots:
+                    await self._send_batch(batch, live)
+        finally:
+            # Whatever was not settled goes back to the queue: a request whose e-mail may
+            # have gone out keeps its ledger state, and its redelivery is answered from it.
+            left = [p for p in live if p.request.request_id in self._held]
+            if left:
+                await asyncio.shield(
+                    self._settle(
+                        [
+                            (p.subject(claimed=not p.sending), Requeue("submission interrupted"))
+                            for p in left
+                        ]
+                    )
+                )
 
-    async def _send_batch(self, batch: Batch[Pending]) -> None:
-        async with self._submit_slots:
-            now = datetime.now(UTC)
-            live: list[Pending] = []
-            for pending in batch.items:
-                try:
-                    check_not_expired(pending.request, now)
-                    live.append(pending)
-                except InvalidRequest as exc:
-                    await self.store.release(pending.request.request_id)
-                    await self.outcomes.reject(
-                        pending.message, pending.request, exc.code, exc.message
-                    )
-            if not live:
-                return
-            if len(live) < len(batch.items):
+    async def _settle(
+        self, items: Sequence[tuple[Subject, Fate]], mails_done: Sequence[str] = ()
+    ) -> None:
+        try:
+            await self.settler.settle(items, mails_done=mails_done)
+        finally:
+            for subject, _ in items:
+                if subject.request_id is not None:
+                    self._held.discard(subject.request_id)
+
+    async def _send_batch(self, batch: Batch[Pending], live: list[Pending]) -> None:
+        now = datetime.now(UTC)
+        expired: list[tuple[Subject, Fate]] = []
+        for pending in list(live):
+            try:
+                check_not_expired(pending.request, now)
+            except InvalidRequest as exc:
+                live.remove(pending)
+                expired.append((pending.subject(), Reject(exc.code, exc.message)))
+        if expired:
+            await self._settle(expired)
+        if not live:
+            return
+        if len(live) < len(batch.items):
+            batch = self._rebuild(batch, live)
+        gone = await self._pass_gate(batch, live)
+        if gone:
+            return
+        for pending in live:
+            pending.sending = True
+        mail = batch.builder.build()
+        # The gateway may answer before its SMTP server says 250: a reply for this e-mail
+        # handled here waits until the outcome of the submission is settled.
+        recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._submitting[batch.mail_id] = recorded
+        try:
+            await self._submit_mail(batch, live, mail)
+        finally:
+            del self._submitting[batch.mail_id]
+            recorded.set_result(None)
+
+    async def _pass_gate(self, batch: Batch[Pending], live: list[Pending]) -> bool:
+        """Wait for the account, the circuit and the pace, then write the e-mail's record
+        and mark its requests `sending`. True when the requests were settled instead."""
+        waited = 0.0
+        limit = self.settings.retry.circuit_max_s
+        while True:
+            record = MailRecord(
+                batch.mail_id,
+                tuple(p.carried() for p in live),
+                time.time(),
+                sms_parts=sum(p.prepared.sms_count for p in live),
+                trace=self.telemetry.carrier(),
+            )
+            try:
+                gate = await self.store.begin_sending(record)
+            except StateUnavailable as exc:
+                self.telemetry.metrics.state_unavailable.labels("begin_sending").inc()
+                await self._state_lost(exc)
+                await self._settle([(p.subject(), Requeue("state unavailable")) for p in live])
+                return True
+            if gate.kind == GateKind.go:
+                return False
+            if gate.kind == GateKind.stopped:
+                self._note_account_stopped()
+                await self._stop_consuming()
+                await self._settle([(p.subject(), Requeue("account stopped")) for p in live])
+                return True
+            if gate.kind == GateKind.lost:
+                lost = set(gate.lost)
+                gone = [p for p in live if p.request.request_id in lost]
+                await self._settle(
+                    [
+                        (
+                            p.subject(claimed=False),
+                            Later(1.0, "in_flight", "another copy is being sent", None),
+                        )
+                        for p in gone
+                    ]
+                )
+                live[:] = [p for p in live if p.request.request_id not in lost]
+                if not live:
+                    return True
                 batch = self._rebuild(batch, live)
-            try:
-                # Unacked requests must not wait out pause after pause: past the longest
-                # single pause they go back to RabbitMQ (its consumer timeout is 30 min).
-                async with asyncio.timeout(self.settings.retry.circuit_max_s):
-                    await self.limits.circuit.acquire()
-            except TimeoutError:
-                wait = max(self.limits.circuit.remaining(), self.settings.retry.circuit_base_s)
-                for pending in live:
-                    await self.store.refund(pending.prepared.content_key)
-                    await self.outcomes.defer(
-                        pending.message, pending.request, pending.attempt, wait, "circuit_open"
-                    )
-                return
-            if self.account_stopped:
-                # The gateway refused the credentials: every further e-mail would be refused
-                # too. The requests wait in the queue for a fixed, restarted worker.
-                for pending in live:
-                    await self.store.release(pending.request.request_id)
-                await self.outcomes.requeue(p.message for p in live)
-                return
-            await self.limits.pace(sum(p.prepared.sms_count for p in live))
-            assert self._smtp is not None
-            mail = batch.builder.build()
-            # The gateway may answer before its SMTP server says 250: a reply for this
-            # e-mail waits until the outcome of the submission is recorded.
-            recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._submitting[batch.mail_id] = recorded
-            try:
-                await self._submit_mail(batch, live, mail)
-            finally:
-                del self._submitting[batch.mail_id]
-                recorded.set_result(None)
+                continue
+            if gate.reason == "circuit_open":
+                self.circuit_view = CircuitView.open
+            # Unacked requests must not wait out pause after pause: past the longest single
+            # pause they go back to RabbitMQ (its consumer timeout is 30 min).
+            if waited + gate.wait > limit:
+                wait = max(gate.wait, self.settings.retry.circuit_base_s)
+                await self._settle(
+                    [
+                        (
+                            p.subject(),
+                            Later(
+                                wait,
+                                gate.reason,
+                                f"held back {wait:.0f} s: {gate.reason}",
+                                refund=True,
+                            ),
+                        )
+                        for p in live
+                    ]
+                )
+                return True
+            await asyncio.sleep(gate.wait)
+            waited += gate.wait
 
     async def _submit_mail(self, batch: Batch[Pending], live: list[Pending], mail: bytes) -> None:
         assert self._smtp is not None
@@ -409,12 +707,29 @@ class Service:
             len(live),
             len(mail),
         )
-        if result.outcome in (Outcome.accepted, Outcome.unknown):
-            await self.outcomes.submitted(batch, live, result)
-        elif result.outcome == Outcome.transient:
-            await self.outcomes.retry_later(live, result.detail)
-        else:
-            await self.outcomes.fail(live, "smtp_rejected", result.detail)
+        await self._settle(*self._after_smtp(result, batch.mail_id, live))
+
+    def _after_smtp(
+        self, result: SubmitResult, mail_id: str, live: list[Pending]
+    ) -> tuple[list[tuple[Subject, Fate]], list[str]]:
+        fate = after_submission(result, mail_id)
+        if fate is not None and not isinstance(fate, Fail):
+            return [(p.subject(), fate) for p in live], []
+        now = time.time()
+        items: list[tuple[Subject, Fate]] = []
+        for pending in live:
+            subject = pending.subject()
+            items.append(
+                (
+                    subject,
+                    fate
+                    or give_up_or_later(
+                        subject, pending.request.expires_at, self.settings.retry, now, result.detail
+                    ),
+                )
+            )
+        # Certainly not sent: the e-mail's record goes.
+        return items, [mail_id]
 
     def _rebuild(self, batch: Batch[Pending], live: list[Pending]) -> Batch[Pending]:
         rebuilt: Batch[Pending] = Batch(batch.key, self._new_builder(batch.key), batch.opened_at)
@@ -426,7 +741,8 @@ class Service:
     # replies -------------------------------------------------------------------------
 
     async def on_reply(self, mail_id: str, reply: Reply) -> None:
-        """Turn the gateway's answer to one e-mail into events (and retries)."""
+        """Turn the gateway's answer to one e-mail into fates, and settle them. Raises when
+        they could not be settled, so that the reply is sent again."""
         submitting = self._submitting.get(mail_id)
         if submitting is not None:
             await asyncio.shield(submitting)
@@ -437,44 +753,79 @@ class Service:
         self._replies_in_progress += 1
         try:
             with self.telemetry.reply(record, reply):
-                await self._handle_reply(record, reply)
+                await self._apply_reply(record, reply)
         except Exception:
-            await self.store.remember_mail(record)
+            with contextlib.suppress(StateUnavailable):
+                await self.store.give_back_mail(mail_id)
             raise
         finally:
             self._replies_in_progress -= 1
 
-    async def _handle_reply(self, record: MailRecord, reply: Reply) -> None:
-        if isinstance(reply, Accepted):
-            if self.limits.circuit.state != "closed":
-                self.limits.circuit.close()
-            await self.outcomes.record_events(record, Status.accepted, None)
+    async def _apply_reply(self, record: MailRecord, reply: Reply) -> None:
+        subjects = [Subject.of_carried(c) for c in record.requests]
+        if isinstance(reply, AcceptedReply):
+            await self.store.close_circuit()
+            self.circuit_view = CircuitView.closed
+            fates: Iterable[Fate] = [Accepted(record.mail_id)] * len(subjects)
+        else:
+            plan = after_error(
+                reply, record.mail_id, len(subjects), self.settings.limits.identical_window_s
+            )
+            log.warning(
+                "e-mail %s: gateway error %s -> %s",
+                record.mail_id,
+                int(reply.error),
+                reply.action.value,
+            )
+            fates = plan.fates
+            if plan.circuit:
+                funds = self.settings.retry.funds_pause_s if plan.circuit == "funds" else None
+                text = f"gateway error {int(reply.error)}: {reply.description}"
+                pause = await self.store.open_circuit(text, funds)
+                self.circuit_view = CircuitView.open
+                fates = [replace(f, wait=pause) if isinstance(f, Later) else f for f in fates]
+            if plan.stop_account:
+                await self.store.stop_account(reply.description or "credentials refused")
+                self._note_account_stopped()
+                await self._stop_consuming()
+        await self.settler.settle(
+            list(zip(subjects, fates, strict=True)), mails_done=[record.mail_id]
+        )
+
+    async def _expire_unanswered(self) -> None:
+        """A reply that never comes must not keep a record forever. An e-mail that was
+        accepted stays `submitted`; one whose fate is unknown is reported `failed`, never
+        resent, since it may have gone out."""
+        timeout = self.settings.reply.timeout_s
+        while True:
+            await asyncio.sleep(min(timeout / 4, 60))
+            try:
+                stale = await self.store.unanswered(time.time() - timeout)
+                for mail_id in stale:
+                    await self._expire(mail_id, waited_s=timeout)
+            except StateUnavailable:
+                self.telemetry.metrics.state_unavailable.labels("sweep").inc()
+            except Exception:
+                log.exception("sweeping unanswered e-mails failed")
+
+    async def _expire(self, mail_id: str, waited_s: float) -> None:
+        record = await self.store.take_mail(mail_id)
+        if record is None:
             return
-        number = int(reply.error)
-        code = f"gateway_{number}"
-        text = f"gateway error {number}: {reply.description}"
-        action = reply.action
-        log.warning("e-mail %s: %s -> %s", record.mail_id, text, action.value)
-        if action == Action.fail:
-            await self.outcomes.fail_record(record, code, text, number)
-        elif action == Action.find_bad_line:
-            await self.outcomes.split(record, code, text, number)
-        elif action == Action.retry_after_window:
-            await self.outcomes.resend(
-                record, self.settings.limits.identical_window_s, Status.retrying, code, text, number
+        if not record.outcome_unknown:
+            log.warning("no reply to e-mail %s within %.0f s", mail_id, waited_s)
+            await self.settler.settle([], mails_done=[mail_id])
+            return
+        message = (
+            f"no reply to e-mail {mail_id} within {waited_s:.0f} s after its SMTP session "
+            "broke; it may or may not have been sent, and is not resent"
+        )
+        log.error(message)
+        fate = Fail("outcome_unknown", message, mail_id=mail_id)
+        try:
+            await self.settler.settle(
+                [(Subject.of_carried(c), fate) for c in record.requests], mails_done=[mail_id]
             )
-        elif action == Action.pause_account:
-            pause = self.limits.circuit.open(text, self.settings.retry.funds_pause_s)
-            await self.outcomes.resend(record, pause, Status.deferred, code, text, number)
-        elif action == Action.back_off:
-            pause = self.limits.circuit.open(text)
-            await self.outcomes.resend(record, pause, Status.deferred, code, text, number)
-        elif action == Action.stop_account:
-            log.error(
-                "ALERT: the gateway refused the account's credentials (%s); "
-                "sending stopped, requests stay queued until the worker is fixed and restarted",
-                text,
-            )
-            self.account_stopped = True
-            await self._stop_consuming()
-            await self.outcomes.resend(record, 0, Status.deferred, "account_stopped", text, number)
+        except Exception:
+            log.exception("could not report e-mail %s as failed", mail_id)
+            await self.store.give_back_mail(mail_id)

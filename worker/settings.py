@@ -66,7 +66,30 @@ class GatewaySettings(_Group):
     @field_validator("default_sender")
     @classmethod
     def _sender(cls, value: str) -> str:
-        return check_sender(value)
+        """The default sender goes on every request that names none, on every channel but
+        email (which needs the sender's e-mail address: prepare() leaves a name off there).
+        So it must be a sender name each of those channels takes, never an e-mail address."""
+        from worker.errors import InvalidRequest
+        from worker.protocol.fields import is_email_sender
+
+        variable = f"{ENV_PREFIX}GATEWAY__DEFAULT_SENDER"
+        if is_email_sender(value):
+            raise ValueError(
+                f"{variable} is an e-mail address, but it would be the sender of every sms "
+                "(and other non-email) request that names none, where an address is not a "
+                "valid sender: use a sender name registered with the account (at most 11 "
+                "characters, or at most 15 digits), or leave it empty"
+            )
+        for fmt in Format:
+            if fmt is Format.email:
+                continue
+            try:
+                check_sender(value, fmt=fmt)
+            except InvalidRequest as exc:
+                raise ValueError(
+                    f"{variable} is not a valid sender for the {fmt.name} channel: {exc.message}"
+                ) from None
+        return value
 
     @field_validator("charset")
     @classmethod
@@ -125,13 +148,36 @@ class LimitSettings(_Group):
 
 
 class RetrySettings(_Group):
-    max_attempts: int = Field(8, ge=1)
     base_delay_s: float = Field(1.0, gt=0)
     max_delay_s: float = Field(300.0, gt=0)
     max_age_s: float = Field(3600.0, gt=0)
     circuit_base_s: float = Field(30.0, gt=0)
     circuit_max_s: float = Field(600.0, gt=0)
     funds_pause_s: float = Field(300.0, gt=0)
+
+
+class StateSettings(_Group):
+    url: SecretStr = Field(
+        SecretStr(""),
+        description="Redis holding the shared ledger and limits (redis://, rediss://, "
+        "redis+sentinel://, redis+cluster://); empty: in this process only",
+    )
+    key_prefix: str = Field("smsc", min_length=1, description="first part of every Redis key")
+    owner_ttl_s: float = Field(
+        15.0, gt=0, description="a replica silent this long is taken for dead: its claims lapse"
+    )
+    reset_grace_s: float = Field(
+        1800.0,
+        ge=0,
+        description="after Redis lost its data: how long a redelivered request with no "
+        "ledger entry is reported unknown instead of sent",
+    )
+    header_key: SecretStr = Field(
+        SecretStr(""),
+        description="signs the worker's own message headers; empty: derived from the "
+        "gateway password",
+    )
+    timeout_s: float = Field(2.0, gt=0, description="deadline for one Redis call")
 
 
 class ObservabilitySettings(_Group):
@@ -160,6 +206,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = BatchSettings()
     limits: LimitSettings = LimitSettings()
     retry: RetrySettings = RetrySettings()
+    state: StateSettings = StateSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     default_channel: Format = Format.sms
 

@@ -55,16 +55,15 @@ from opentelemetry.trace import Link, Span, SpanContext, SpanKind, StatusCode
 from opentelemetry.trace import Status as SpanStatus
 from opentelemetry.util.types import AttributeValue
 
-from worker.broker import ATTEMPT_HEADER
 from worker.contract import ResultEvent
+from worker.delivery import ATTEMPT_HEADER
 from worker.errors import ConfigurationError
-from worker.limits import Circuit
+from worker.ledger import CircuitView, MailRecord
 from worker.logs import Masker, gateway_id_var, request_id_var, secrets_of
 from worker.metrics import RECEIVED_HEADER, Metrics
 from worker.protocol.replies import Accepted, Reply
 from worker.settings import Settings
 from worker.smtp_client import Outcome, SubmitResult
-from worker.state import MailRecord
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +168,7 @@ class Telemetry:
         self._smtp_port = settings.smtp.port
         self.mask = Masker(secrets_of(settings))
 
-    def watch(self, circuit: Circuit) -> None:
+    def watch(self, circuit: Callable[[], CircuitView]) -> None:
         self.metrics.watch(circuit)
 
     def published(self, events: Sequence[ResultEvent]) -> None:

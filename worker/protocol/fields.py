@@ -163,6 +163,12 @@ def check_sender(sender: str, *, fmt: Format | None = None) -> str:
     return sender
 
 
+def is_email_sender(sender: str) -> bool:
+    """Whether `sender` is written as an e-mail address: the email format's sender, which
+    no other channel can show as a sender name."""
+    return len(sender) <= MAX_EMAIL_SENDER and _EMAIL_SENDER.fullmatch(sender) is not None
+
+
 def check_option_line(name: str, value: str) -> str:
     """subj: and voice: sit on lines of their own; a line break would forge another."""
     if any(c == "\n" or c in _UNCARRIABLE_BREAKS for c in value):

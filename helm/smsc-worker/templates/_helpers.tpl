@@ -118,4 +118,15 @@ that every render runs them.
 {{- fail "secrets.gatewayPassword is required (or name a Secret holding SMSC_GATEWAY__PASSWORD in secrets.existingSecret)" }}
 {{- end }}
 {{- end }}
+{{- /* An existing Secret is taken to hold SMSC_STATE__URL, as it is taken to hold SMSC_AMQP__URL. */}}
+{{- if not (or .Values.secrets.stateUrl .Values.secrets.existingSecret) }}
+{{- $shared := "replicas share their ledger and limits in Redis; set secrets.stateUrl (or secrets.existingSecret with SMSC_STATE__URL)" }}
+{{- if .Values.autoscaling.hpa.enabled }}
+{{- fail (printf "autoscaling.hpa.enabled is true (up to %d replicas): %s" (int .Values.autoscaling.hpa.maxReplicas) $shared) }}
+{{- else if .Values.autoscaling.keda.enabled }}
+{{- fail (printf "autoscaling.keda.enabled is true (up to %d replicas): %s" (int .Values.autoscaling.keda.maxReplicaCount) $shared) }}
+{{- else if gt (int .Values.replicaCount) 1 }}
+{{- fail (printf "replicaCount is %d: %s" (int .Values.replicaCount) $shared) }}
+{{- end }}
+{{- end }}
 {{- end }}

@@ -1,0 +1,83 @@
+-- Before DATA (see StateStore.begin_sending): the account, the circuit, the claims, the
+-- pace; then the record and the `sending` marks, or nothing at all.
+-- ARGV[A..]: owner, mail id, record (JSON), submitted_at, record ttl ms, dedup_ttl ms,
+--   mails_per_second, parts_per_second, sms parts, request count, the request ids.
+-- Result: {kind, wait, reason, lost ids, probe ('1'/'0')}.
+local owner, mail_id, record, submitted_at = ARGV[A], ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
+local record_ms, dedup_ms = tonumber(ARGV[A + 4]), tonumber(ARGV[A + 5])
+local mails_rate, parts_rate = tonumber(ARGV[A + 6]), tonumber(ARGV[A + 7])
+local parts = tonumber(ARGV[A + 8])
+local first, last = A + 10, A + 9 + tonumber(ARGV[A + 9])
+
+local function result(kind, wait, reason, lost, probe)
+  return {GEN, GEN_SEEN, {kind, fmt(wait), reason, lost, probe}}
+end
+
+local stopped = redis.call('GET', key('stopped'))
+if stopped then
+  return result('stopped', 0, stopped, {}, '0')
+end
+
+local circuit_key = key('circuit')
+local circuit = redis.call('HMGET', circuit_key, 'open_until', 'probe_until', 'pause')
+local probe = false
+if circuit[1] then
+  local open_until = tonumber(circuit[1])
+  local probe_until = tonumber(circuit[2] or '0')
+  if NOW < open_until then
+    return result('wait', open_until - NOW, 'circuit_open', {}, '0')
+  end
+  if NOW < probe_until then
+    return result('wait', probe_until - NOW, 'circuit_open', {}, '0')
+  end
+  probe = true
+end
+
+local lost = {}
+for i = first, last do
+  local e = redis.call('HMGET', key('entry', ARGV[i]), 'state', 'owner')
+  if e[1] ~= 'claimed' or e[2] ~= owner then
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+if #lost > 0 then
+  return result('lost', 0, '', lost, '0')
+end
+
+-- GCRA, as worker.limits.Pace: `rate` units per second, a burst of one second's worth.
+local function pace(cell, rate, cost)
+  cost = math.min(cost, rate)
+  local tat = math.max(tonumber(redis.call('GET', cell) or '0'), NOW)
+  local allow_at = tat + cost / rate - 1.0
+  if allow_at > NOW then
+    return allow_at - NOW, tat
+  end
+  return 0, tat + cost / rate
+end
+local mails_cell, parts_cell = key('pace', 'mails'), key('pace', 'parts')
+local mails_wait, mails_tat = pace(mails_cell, mails_rate, 1)
+local parts_wait, parts_tat = pace(parts_cell, parts_rate, parts)
+if mails_wait > 0 or parts_wait > 0 then
+  return result('wait', math.max(mails_wait, parts_wait), 'pace', {}, '0')
+end
+redis.call('SET', mails_cell, fmt(mails_tat), 'PX', ms(mails_tat - NOW + 1))
+redis.call('SET', parts_cell, fmt(parts_tat), 'PX', ms(parts_tat - NOW + 1))
+
+if probe then
+  local pause = tonumber(circuit[3])
+  redis.call('HSET', circuit_key, 'probe_until', fmt(NOW + pause))
+end
+
+local mail_key = key('mail', mail_id)
+redis.call('DEL', mail_key)
+redis.call('HSET', mail_key, 'record', record, 'unknown', '0')
+redis.call('PEXPIRE', mail_key, record_ms)
+local unanswered = key('unanswered')
+redis.call('ZADD', unanswered, submitted_at, mail_id)
+redis.call('PEXPIRE', unanswered, record_ms)
+for i = first, last do
+  local entry_key = key('entry', ARGV[i])
+  redis.call('HSET', entry_key, 'state', 'sending', 'mail', mail_id, 'at', fmt(NOW))
+  redis.call('PEXPIRE', entry_key, dedup_ms)
+end
+return result('go', 0, '', {}, probe and '1' or '0')

@@ -1,0 +1,50 @@
+-- The ledger side of a settled set (see worker.ledger.Finish), in one step.
+-- ARGV[A..]: dedup_ttl ms; sent count, then (request id, mail id, event) each; answered
+--   count, then (request id, event) each; released count, ids; refunds count, content
+--   keys; mails_done count, mail ids.
+local dedup_ms = tonumber(ARGV[A])
+local at = A + 1
+
+local function take_count()
+  local n = tonumber(ARGV[at])
+  at = at + 1
+  return n
+end
+
+for _ = 1, take_count() do
+  local entry_key = key('entry', ARGV[at])
+  local state = redis.call('HGET', entry_key, 'state')
+  if state == 'claimed' or state == 'sending' then
+    redis.call('HSET', entry_key, 'state', 'sent', 'mail', ARGV[at + 1], 'event', ARGV[at + 2],
+      'at', fmt(NOW))
+    redis.call('PEXPIRE', entry_key, dedup_ms)
+  end
+  at = at + 3
+end
+for _ = 1, take_count() do
+  local entry_key = key('entry', ARGV[at])
+  if redis.call('EXISTS', entry_key) == 1 then
+    redis.call('HSET', entry_key, 'state', 'answered', 'event', ARGV[at + 1], 'at', fmt(NOW))
+    redis.call('PEXPIRE', entry_key, dedup_ms)
+  end
+  at = at + 2
+end
+for _ = 1, take_count() do
+  local entry_key = key('entry', ARGV[at])
+  if redis.call('EXISTS', entry_key) == 1 then
+    redis.call('HSET', entry_key, 'state', 'released', 'at', fmt(NOW))
+    redis.call('HDEL', entry_key, 'mail')
+    redis.call('PEXPIRE', entry_key, dedup_ms)
+  end
+  at = at + 1
+end
+for _ = 1, take_count() do
+  redis.call('ZPOPMAX', key('window', ARGV[at]))
+  at = at + 1
+end
+for _ = 1, take_count() do
+  redis.call('DEL', key('mail', ARGV[at]), key('taken', ARGV[at]))
+  redis.call('ZREM', key('unanswered'), ARGV[at])
+  at = at + 1
+end
+return {GEN, GEN_SEEN, false}
