@@ -2,7 +2,7 @@
 VENV := .venv
 UV := $(shell command -v uv 2>/dev/null || echo .uv-venv/bin/uv)
 
-.PHONY: run test lint bench schemas rabbitmq redis
+.PHONY: run test faults lint bench schemas rabbitmq redis
 
 .uv-venv/bin/uv:
 	python3 -m venv .uv-venv
@@ -29,6 +29,9 @@ lint: $(VENV)/.synced
 
 test: lint rabbitmq redis
 	$(VENV)/bin/pytest -n 2 -q
+
+faults: lint rabbitmq redis
+	SMSC_SLOW_TESTS=1 $(VENV)/bin/pytest -n 2 -q tests/test_faults.py
 
 bench: $(VENV)/.synced rabbitmq redis
 	$(VENV)/bin/python -m bench.run
