@@ -60,6 +60,8 @@ class Outgoing:
     reply_to: str | None = None
     correlation_id: str | None = None
     headers: Mapping[str, Any] | None = None
+    # The event as JSON, when the caller has it already (the ledger keeps it too).
+    body: bytes | None = None
 
 
 class Broker:
@@ -169,7 +171,7 @@ class Broker:
         assert self.results is not None
         messages: list[RawMessage] = []
         for item in events:
-            body = item.event.model_dump_json().encode()
+            body = item.body or item.event.model_dump_json().encode()
             properties = BasicProperties(
                 content_type="application/json",
                 delivery_mode=PERSISTENT,

@@ -230,11 +230,12 @@ class Settler:
         rid = subject.request_id
         if isinstance(fate, Replay):
             replayed = ResultEvent.model_validate_json(fate.event)
-            plan.events.append(_outgoing(replayed, subject.copy))
+            plan.events.append(_outgoing(replayed, subject.copy, fate.event.encode()))
             return
         event = self._event(subject, fate, now)
+        body = event.model_dump_json() if event is not None else ""
         if event is not None:
-            plan.events.append(_outgoing(event, subject.copy))
+            plan.events.append(_outgoing(event, subject.copy, body.encode()))
         if isinstance(fate, Reject | Fail):
             dead_letter = fate.dead_letter if isinstance(fate, Reject) else True
             if dead_letter:
@@ -252,11 +253,11 @@ class Settler:
             return
         if isinstance(fate, Submitted):
             assert event is not None
-            plan.finish_sent[rid] = (fate.mail_id, event.model_dump_json())
+            plan.finish_sent[rid] = (fate.mail_id, body)
             plan.submitted.append(subject)
         elif isinstance(fate, Accepted) or (isinstance(fate, Fail) and fate.mail_id):
             assert event is not None
-            plan.finish_answered[rid] = event.model_dump_json()
+            plan.finish_answered[rid] = body
         elif isinstance(fate, Reject | Later | Fail):
             plan.released.append(rid)
         if isinstance(fate, Later | Fail) and fate.refund and subject.content_key:
@@ -349,5 +350,5 @@ def _has_steps(finish: Finish) -> bool:
     )
 
 
-def _outgoing(event: ResultEvent, copy: RequestCopy) -> Outgoing:
-    return Outgoing(event, copy.reply_to, copy.correlation_id, event_headers(copy.headers))
+def _outgoing(event: ResultEvent, copy: RequestCopy, body: bytes | None = None) -> Outgoing:
+    return Outgoing(event, copy.reply_to, copy.correlation_id, event_headers(copy.headers), body)
