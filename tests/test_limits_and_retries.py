@@ -17,7 +17,14 @@ from pydantic import SecretStr
 
 from tests.conftest import collecting, gateway_and_worker, phone
 from worker.contract import Status
-from worker.settings import AmqpSettings, GatewaySettings, LimitSettings, RetrySettings
+from worker.ledger import StateUnavailable
+from worker.settings import (
+    AmqpSettings,
+    GatewaySettings,
+    LimitSettings,
+    RetrySettings,
+    StateSettings,
+)
 
 WINDOW_S = 2.0
 SHORT_WINDOWS = {"duplicate_window_s": WINDOW_S, "streak_gap_s": WINDOW_S}
@@ -404,3 +411,29 @@ async def test_requests_do_not_wait_at_an_open_circuit_longer_than_one_pause(
     deferred = next(e for e in results.of("second") if e.status == Status.deferred)
     assert deferred.error is not None and deferred.error.code == "circuit_open"
     assert emulator.errors[3] == 1
+
+
+async def test_a_request_returned_to_the_queue_too_often_ends_failed_not_silently_dropped(
+    amqp: AmqpSettings,
+) -> None:
+    amqp = amqp.model_copy(update={"delivery_limit": 2})
+    quick = StateSettings(owner_ttl_s=0.3)
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, state=quick) as (emulator, service),
+    ):
+
+        async def unreachable(items: object) -> list[object]:
+            raise StateUnavailable("the state store is down for this test")
+
+        # Each delivery is judged with the store down, so it goes back to the queue, until
+        # its last delivery before RabbitMQ's limit: that one ends here, with an event.
+        service.store.intake = unreachable  # type: ignore[method-assign,assignment]
+        await broker.publish({"request_id": "bounced", "to": phone(1), "text": "x"})
+        await results.wait_until(lambda: Status.failed in results.statuses("bounced"), 30)
+        dead = await broker.dead_letters(1)
+
+    failed = results.of("bounced")[-1]
+    assert failed.error is not None and failed.error.code == "delivery_limit"
+    assert [m.headers["x-smsc-error-code"] for m in dead] == ["delivery_limit"]
+    assert emulator.deliveries == []

@@ -192,17 +192,21 @@ class Delivery:
     copy: RequestCopy
     redelivered: bool
     received_at: float
+    # Deliveries before this one that were returned to the quorum queue (its own count).
+    returned: int = 0
 
     @classmethod
     def capture(cls, message: AbstractIncomingMessage) -> Delivery:
         tag = message.delivery_tag
         assert tag is not None
+        count = (message.headers or {}).get("x-delivery-count", 0)
         return cls(
             channel=message.channel,
             tag=tag,
             copy=RequestCopy.of(message),
             redelivered=bool(message.redelivered),
             received_at=time.monotonic(),
+            returned=count if isinstance(count, int) and not isinstance(count, bool) else 0,
         )
 
     @property

@@ -136,9 +136,12 @@ class Unknown:
 
 @dataclass(frozen=True, slots=True)
 class Requeue:
-    """Back to the queue as it is, no event: it could not be judged now."""
+    """Back to the queue as it is, no event: it could not be judged now. On its last
+    delivery before the queue's delivery limit it ends instead: `failed`, or `unknown` when
+    its e-mail `may_have_gone`, and dead-lettered either way."""
 
     reason: str
+    may_have_gone: bool = False
 
 
 Fate = Reject | Later | Fail | Submitted | Accepted | Replay | Unknown | Requeue

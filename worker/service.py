@@ -154,7 +154,14 @@ class Service:
         self.store: StateStore = store or open_store(settings)
         self.signer = HeaderSigner(header_key(settings))
         self._acker = Acker(self.telemetry)
-        self.settler = Settler(self.broker, self.store, self._acker, self.telemetry, self.signer)
+        self.settler = Settler(
+            self.broker,
+            self.store,
+            self._acker,
+            self.telemetry,
+            self.signer,
+            settings.amqp.delivery_limit,
+        )
         self._account = Account(settings.gateway.login, settings.gateway.password)
         self._batcher: Batcher[Pending] = Batcher(
             self._new_builder,
@@ -576,7 +583,10 @@ class Service:
                 await asyncio.shield(
                     self._settle(
                         [
-                            (p.subject(claimed=not p.sending), Requeue("submission interrupted"))
+                            (
+                                p.subject(claimed=not p.sending),
+                                Requeue("submission interrupted", may_have_gone=p.sending),
+                            )
                             for p in left
                         ]
                     )

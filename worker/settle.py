@@ -155,7 +155,9 @@ class Settler:
         acker: Acker,
         telemetry: Telemetry,
         signer: HeaderSigner,
+        delivery_limit: int,
     ) -> None:
+        self._delivery_limit = delivery_limit
         self._broker = broker
         self._store = store
         self._acker = acker
@@ -219,6 +221,8 @@ class Settler:
 
     def _plan(self, plan: _Plan, subject: Subject, fate: Fate, now: float) -> None:
         delivery = subject.delivery
+        if isinstance(fate, Requeue) and delivery is not None:
+            fate = self._last_chance(delivery, fate)
         if isinstance(fate, Requeue):
             if subject.claimed and subject.request_id is not None:
                 plan.released.append(subject.request_id)
@@ -236,10 +240,9 @@ class Settler:
         body = event.model_dump_json() if event is not None else ""
         if event is not None:
             plan.events.append(_outgoing(event, subject.copy, body.encode()))
-        if isinstance(fate, Reject | Fail):
-            dead_letter = fate.dead_letter if isinstance(fate, Reject) else True
-            if dead_letter:
-                plan.dead.append((subject.copy, fate.code, fate.reason))
+        if _dead_lettered(fate):
+            assert isinstance(fate, Reject | Fail | Unknown)
+            plan.dead.append((subject.copy, fate.code, fate.reason))
         if isinstance(fate, Later):
             attempt = subject.attempt + 1 if fate.next_attempt else subject.attempt
             provenance = Provenance(attempt, subject.first_seen or now, fate.group)
@@ -262,6 +265,16 @@ class Settler:
             plan.released.append(rid)
         if isinstance(fate, Later | Fail) and fate.refund and subject.content_key:
             plan.refunds.append(subject.content_key)
+
+    def _last_chance(self, delivery: Delivery, fate: Requeue) -> Fate:
+        """The broker dead-letters a delivery returned once more than its limit, and no
+        event would say so: on its last delivery, end it here instead."""
+        if delivery.returned < self._delivery_limit:
+            return fate
+        reason = f"returned to the queue {delivery.returned} times, last: {fate.reason}"
+        if fate.may_have_gone:
+            return Unknown("delivery_limit", f"{reason}; it may have been sent")
+        return Fail("delivery_limit", reason)
 
     @staticmethod
     def _event(subject: Subject, fate: Fate, now: float) -> ResultEvent | None:
@@ -342,6 +355,12 @@ class Settler:
                 **common,
             )
         return None
+
+
+def _dead_lettered(fate: Fate) -> bool:
+    if isinstance(fate, Reject):
+        return fate.dead_letter
+    return isinstance(fate, Fail) or (isinstance(fate, Unknown) and fate.code == "delivery_limit")
 
 
 def _has_steps(finish: Finish) -> bool:
