@@ -30,6 +30,7 @@ from worker.ledger import (
     Finish,
     GateKind,
     Intake,
+    MailBusy,
     MailRecord,
     StateStore,
     StateUnavailable,
@@ -426,7 +427,8 @@ async def test_a_mail_is_taken_by_one_reply_at_a_time(make: MakeHarness) -> None
     assert await store.take_mail("m1") is None  # unknown yet
     await store.begin_sending(record("m1", "r1"))
     assert await store.take_mail("m1") is not None
-    assert await store.take_mail("m1") is None
+    with pytest.raises(MailBusy):
+        await store.take_mail("m1")
     await store.give_back_mail("m1")
     assert await store.take_mail("m1") is not None
     await store.finish(Finish(answered={"r1": "ev"}, mails_done=["m1"]))
@@ -549,15 +551,31 @@ async def test_a_mail_is_taken_by_one_replica_at_a_time(make_redis: MakeHarness)
     a, b = await harness.store(), await harness.store()
     await claim(a, "r1")
     await a.begin_sending(record("m1", "r1", submitted_at=1000.0))
-    taken = await asyncio.gather(a.take_mail("m1"), b.take_mail("m1"))
-    assert sum(t is not None for t in taken) == 1
-    holder, other = (a, b) if taken[0] is not None else (b, a)
+    taken = await asyncio.gather(a.take_mail("m1"), b.take_mail("m1"), return_exceptions=True)
+    assert sum(isinstance(t, MailRecord) for t in taken) == 1
+    assert sum(isinstance(t, MailBusy) for t in taken) == 1
+    holder, other = (a, b) if isinstance(taken[0], MailRecord) else (b, a)
     assert await other.unanswered(2000.0) == []
     await other.give_back_mail("m1")  # not its to give back
-    assert await other.take_mail("m1") is None
+    with pytest.raises(MailBusy):
+        await other.take_mail("m1")
     await holder.give_back_mail("m1")
     assert await other.unanswered(2000.0) == ["m1"]
     assert await other.take_mail("m1") is not None
+
+
+async def test_a_reply_held_by_a_replica_that_died_is_taken_over_at_once(
+    make_redis: MakeHarness,
+) -> None:
+    harness = await make_redis()
+    a, b = await harness.store(), await harness.store()
+    await claim(a, "r1")
+    await a.begin_sending(record("m1", "r1", submitted_at=1000.0))
+    assert await a.take_mail("m1") is not None
+    with pytest.raises(MailBusy):
+        await b.take_mail("m1")
+    await _kill(harness, a)
+    assert await b.take_mail("m1") is not None
 
 
 # -- keys, generations, failures (Redis) -----------------------------------------------

@@ -54,6 +54,7 @@ from worker.ledger import (
     CircuitView,
     GateKind,
     Intake,
+    MailBusy,
     MailRecord,
     StateStore,
     StateUnavailable,
@@ -819,7 +820,10 @@ class Service:
                 log.exception("sweeping unanswered e-mails failed")
 
     async def _expire(self, mail_id: str, waited_s: float) -> None:
-        record = await self.store.take_mail(mail_id)
+        try:
+            record = await self.store.take_mail(mail_id)
+        except MailBusy:
+            return
         if record is None:
             return
         if not record.outcome_unknown:

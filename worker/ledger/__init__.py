@@ -30,6 +30,12 @@ class StateUnavailable(RetryableError, ConnectionError):
     code = "state_unavailable"
 
 
+class MailBusy(RetryableError):
+    """Another live replica is handling a reply to this e-mail right now: ask again later."""
+
+    code = "mail_busy"
+
+
 class VerdictKind(StrEnum):
     new = "new"  # claimed for this process and admitted: may be sent
     busy = "busy"  # another live process holds it (or this one does, in a batch)
@@ -202,8 +208,9 @@ class StateStore(Protocol):
     async def finish(self, finish: Finish) -> None: ...
 
     async def take_mail(self, mail_id: str) -> MailRecord | None:
-        """The record of an e-mail, for one reply at a time: None when it is unknown, or
-        being handled by another reply right now (until `finish` or `give_back_mail`)."""
+        """The record of an e-mail, for one reply at a time: None when it is unknown (or
+        answered); MailBusy while another live replica handles a reply to it (until its
+        `finish` or `give_back_mail`, or its death)."""
 
     async def give_back_mail(self, mail_id: str) -> None:
         """A reply could not be settled: its e-mail's record may be taken again."""

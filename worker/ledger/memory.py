@@ -15,6 +15,7 @@ from worker.ledger import (
     Gate,
     GateKind,
     Intake,
+    MailBusy,
     MailRecord,
     Verdict,
     VerdictKind,
@@ -158,7 +159,7 @@ class MemoryStateStore:
 
     async def take_mail(self, mail_id: str) -> MailRecord | None:
         if mail_id in self._taken:
-            return None
+            raise MailBusy(f"a reply to e-mail {mail_id} is being handled")
         record = self._mails.get(mail_id)
         if record is not None:
             self._taken.add(mail_id)

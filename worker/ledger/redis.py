@@ -54,6 +54,7 @@ from worker.ledger import (
     Gate,
     GateKind,
     Intake,
+    MailBusy,
     MailRecord,
     StateUnavailable,
     Verdict,
@@ -372,6 +373,8 @@ class RedisStateStore:
 
     async def take_mail(self, mail_id: str) -> MailRecord | None:
         found = await self._call("take", self.owner, _ms(TAKE_LEASE_S), mail_id)
+        if found == "busy":
+            raise MailBusy(f"the reply to e-mail {mail_id} is being handled by another replica")
         return _record(found)
 
     async def give_back_mail(self, mail_id: str) -> None:

@@ -1,8 +1,11 @@
--- A mail record for one reply at a time: a lease that lapses if the replica handling the
--- reply dies. ARGV[A..]: owner, lease ms, mail id. Result: {record, unknown flag} or nil.
+-- A mail record for one reply at a time. The taker holds a lease; a lease whose holder is
+-- no longer alive (its owner key lapsed) is taken over at once, so a reply handled by a
+-- replica that died is not held up for the whole lease.
+-- ARGV[A..]: owner, lease ms, mail id. Result: {record, unknown flag}, 'busy', or nil.
 local taken_key = key('taken', ARGV[A + 2])
-if redis.call('EXISTS', taken_key) == 1 then
-  return {GEN, GEN_SEEN, false}
+local holder = redis.call('GET', taken_key)
+if holder and redis.call('EXISTS', key('owner', holder)) == 1 then
+  return {GEN, GEN_SEEN, 'busy'}
 end
 local mail = redis.call('HMGET', key('mail', ARGV[A + 2]), 'record', 'unknown')
 if not mail[1] then
