@@ -212,15 +212,15 @@ async def test_a_sent_request_replays_its_event_and_another_fingerprint_is_a_dup
     store = await (await make()).store()
     await claim(store, "r1")
     assert (await store.begin_sending(record("m1", "r1"))).kind == GateKind.go
-    await store.finish(Finish(sent={"r1": ("m1", '{"event": 1}')}))
+    await store.finish(Finish(sent={"r1": ("m1", '{"event": 1}', "fp")}))
     again = await store.intake([item("r1"), item("r1", fp="other")])
     assert again[0].kind == VerdictKind.replay
     assert (again[0].mail_id, again[0].event) == ("m1", '{"event": 1}')
     assert again[1].kind == VerdictKind.duplicate
 
-    await store.finish(Finish(answered={"r1": '{"event": 2}'}))
+    await store.finish(Finish(answered={"r1": ('{"event": 2}', "fp")}))
     # Never `sent` over `answered`: the answered event is the one replayed.
-    await store.finish(Finish(sent={"r1": ("m1", '{"event": 3}')}))
+    await store.finish(Finish(sent={"r1": ("m1", '{"event": 3}', "fp")}))
     [answered] = await store.intake([item("r1")])
     assert answered.kind == VerdictKind.replay
     assert (answered.mail_id, answered.event) == ("m1", '{"event": 2}')
@@ -263,11 +263,27 @@ async def test_a_request_being_sent_with_no_outcome_is_unknown(make: MakeHarness
     assert verdict.mail_id == "m1"
 
 
-async def test_sent_applies_only_over_a_claim_or_a_send(make: MakeHarness) -> None:
+async def test_sent_and_answered_are_kept_even_where_the_entry_was_lost(
+    make: MakeHarness,
+) -> None:
     store = await (await make()).store()
-    await store.finish(Finish(sent={"ghost": ("m1", "ev")}, answered={"ghost2": "ev"}))
+    await store.finish(
+        Finish(sent={"ghost": ("m1", "ev", "fp")}, answered={"ghost2": ("ev2", "fp")})
+    )
     verdicts = await store.intake([item("ghost"), item("ghost2")])
-    assert [v.kind for v in verdicts] == [VerdictKind.new, VerdictKind.new]
+    assert [(v.kind, v.event) for v in verdicts] == [
+        (VerdictKind.replay, "ev"),
+        (VerdictKind.replay, "ev2"),
+    ]
+
+
+async def test_sent_never_overwrites_an_answer(make: MakeHarness) -> None:
+    store = await (await make()).store()
+    await claim(store, "r1")
+    await store.finish(Finish(answered={"r1": ("accepted", "fp")}))
+    await store.finish(Finish(sent={"r1": ("m1", "submitted", "fp")}))
+    [verdict] = await store.intake([item("r1")])
+    assert (verdict.kind, verdict.event) == (VerdictKind.replay, "accepted")
 
 
 # -- admission --------------------------------------------------------------------------
@@ -431,7 +447,7 @@ async def test_a_mail_is_taken_by_one_reply_at_a_time(make: MakeHarness) -> None
         await store.take_mail("m1")
     await store.give_back_mail("m1")
     assert await store.take_mail("m1") is not None
-    await store.finish(Finish(answered={"r1": "ev"}, mails_done=["m1"]))
+    await store.finish(Finish(answered={"r1": ("ev", "fp")}, mails_done=["m1"]))
     assert await store.take_mail("m1") is None
     assert await store.unanswered(time.time() + 3600) == []
 
@@ -584,11 +600,13 @@ async def test_a_reply_held_by_a_replica_that_died_is_taken_over_at_once(
 async def test_every_key_carries_the_account_tag_and_a_ttl(make_redis: MakeHarness) -> None:
     harness = await make_redis(login="acme")
     store = await harness.store()
+    await claim(store, "r0")
+    await delete_prefix(harness.prefix)  # a loss, so that the reset mark is there too
     await claim(store, "r1", "r2")
     await store.intake([item("r3", content="c-r1", subs=("+79161234567",))])
     await store.begin_sending(record("m1", "r1", "r3"))
     await store.begin_sending(record("m2", "r2"))
-    await store.finish(Finish(sent={"r1": ("m1", "ev")}, released=["r2"], refunds=["c-r2"]))
+    await store.finish(Finish(sent={"r1": ("m1", "ev", "fp")}, released=["r2"], refunds=["c-r2"]))
     await store.take_mail("m1")
     await store.mark_unknown("m1")
     await store.open_circuit("blocked", None)
@@ -628,7 +646,8 @@ async def test_a_redis_that_lost_its_data_reports_redelivered_requests_lost(
     harness = await make_redis()
     a, b = await harness.store(), await harness.store()
     await claim(a, "r1")
-    assert (await a.intake([item("x", redelivered=True)]))[0].kind == VerdictKind.ledger_lost
+    # A first start against an empty Redis is a new account, not a loss.
+    assert (await a.intake([item("x", redelivered=True)]))[0].kind == VerdictKind.new
     assert await delete_prefix(harness.prefix) > 0  # Redis restarted empty, for this prefix
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="worker.ledger.redis"):
@@ -652,6 +671,8 @@ async def test_a_redis_that_lost_its_data_reports_redelivered_requests_lost(
 async def test_the_ledger_lost_rule_ends_after_the_grace(make_redis: MakeHarness) -> None:
     harness = await make_redis(state={"reset_grace_s": 0.3})
     store = await harness.store()
+    await claim(store, "r0")
+    await delete_prefix(harness.prefix)
     [lost] = await store.intake([item("r1", redelivered=True)])
     assert lost.kind == VerdictKind.ledger_lost
     await asyncio.sleep(0.4)

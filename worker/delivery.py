@@ -30,10 +30,17 @@ from worker.confirmed_publish import RawMessage
 ATTEMPT_HEADER = "x-smsc-attempt"
 FIRST_SEEN_HEADER = "x-smsc-first-seen"
 GROUP_HEADER = "x-smsc-group"
+IN_DOUBT_HEADER = "x-smsc-in-doubt"
 SIGNATURE_HEADER = "x-smsc-signature"
 ERROR_CODE_HEADER = "x-smsc-error-code"
 ERROR_HEADER = "x-smsc-error"
-WORKER_HEADERS = (ATTEMPT_HEADER, FIRST_SEEN_HEADER, GROUP_HEADER, SIGNATURE_HEADER)
+WORKER_HEADERS = (
+    ATTEMPT_HEADER,
+    FIRST_SEEN_HEADER,
+    GROUP_HEADER,
+    IN_DOUBT_HEADER,
+    SIGNATURE_HEADER,
+)
 # Headers the broker adds on its way through the retry queues: not the request's own, and
 # not of JSON's types (timestamps), so not kept in a shared store.
 _BROKER_HEADERS = (
@@ -127,30 +134,37 @@ class Provenance:
     attempt: int = 1
     first_seen: float | None = None
     group: str = ""
+    # A copy made while another copy of the request was in hand (see fate.in_flight).
+    in_doubt: bool = False
 
 
 class HeaderSigner:
     def __init__(self, key: bytes) -> None:
         self._key = key
 
-    def _mac(self, body: bytes, attempt: int, first_seen: int, group: str) -> str:
+    def _mac(self, body: bytes, attempt: int, first_seen: int, group: str, doubt: int) -> str:
         message = b"|".join(
             (
                 fingerprint(body).encode(),
                 str(attempt).encode(),
                 str(first_seen).encode(),
                 group.encode(),
+                str(doubt).encode(),
             )
         )
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()[:32]
 
     def headers(self, body: bytes, provenance: Provenance) -> dict[str, Any]:
         first_seen = int(provenance.first_seen or time.time())
+        doubt = int(provenance.in_doubt)
         return {
             ATTEMPT_HEADER: provenance.attempt,
             FIRST_SEEN_HEADER: first_seen,
             GROUP_HEADER: provenance.group,
-            SIGNATURE_HEADER: self._mac(body, provenance.attempt, first_seen, provenance.group),
+            IN_DOUBT_HEADER: doubt,
+            SIGNATURE_HEADER: self._mac(
+                body, provenance.attempt, first_seen, provenance.group, doubt
+            ),
         }
 
     def read(self, body: bytes, headers: Mapping[str, Any]) -> Provenance:
@@ -161,6 +175,7 @@ class HeaderSigner:
         try:
             attempt = _bounded_int(headers[ATTEMPT_HEADER], 1, 1_000_000)
             first_seen = _bounded_int(headers[FIRST_SEEN_HEADER], 0, 2**40)
+            doubt = _bounded_int(headers[IN_DOUBT_HEADER], 0, 1)
             group = headers[GROUP_HEADER]
             signature = headers[SIGNATURE_HEADER]
             if not isinstance(group, str) or not isinstance(signature, str) or len(group) > 200:
@@ -169,10 +184,10 @@ class HeaderSigner:
             raise ForgedHeaders(
                 "the worker's x-smsc-* headers are incomplete or malformed"
             ) from exc
-        expected = self._mac(body, attempt, first_seen, group)
+        expected = self._mac(body, attempt, first_seen, group, doubt)
         if not hmac.compare_digest(expected, signature):
             raise ForgedHeaders("the worker's x-smsc-* headers carry no valid signature")
-        return Provenance(attempt, float(first_seen), group)
+        return Provenance(attempt, float(first_seen), group, bool(doubt))
 
 
 def _bounded_int(value: Any, low: int, high: int) -> int:

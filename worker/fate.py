@@ -87,6 +87,15 @@ class Later:
     mail_id: str | None = None
     # The request had been admitted and counted as an identical copy: it was not one.
     refund: bool = False
+    # Another copy of the request may be going out right now: should the ledger have lost
+    # its data by the time this copy returns, it must not be taken for a fresh request.
+    in_doubt: bool = False
+
+
+def in_flight(wait: float = 1.0) -> Later:
+    """Another copy of the request is in hand (here or in another replica): come back when
+    that one is settled, and find its outcome in the ledger."""
+    return Later(max(wait, 1.0), "in_flight", "another copy is being sent", None, in_doubt=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,9 +197,7 @@ def from_verdict(verdict: Verdict, identical_policy: str) -> Fate | None:
     if kind == VerdictKind.new:
         return None
     if kind == VerdictKind.busy:
-        # Another copy of it is in hand (here or in another replica): come back when that
-        # one is settled, and find its outcome in the ledger.
-        return Later(max(verdict.wait, 1.0), "in_flight", "another copy is being sent", None)
+        return in_flight(verdict.wait)
     if kind == VerdictKind.wait:
         if verdict.reason == "identical_content" and identical_policy == "reject":
             return Reject(

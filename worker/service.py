@@ -46,6 +46,7 @@ from worker.fate import (
     after_submission,
     from_verdict,
     give_up_or_later,
+    in_flight,
     read_request,
     request_id_of,
 )
@@ -474,7 +475,7 @@ class Service:
                     decided.append(
                         (
                             arrival.subject,
-                            Later(1.0, "in_flight", "another copy is being sent", None),
+                            in_flight(),
                         )
                     )
                 elif pending is not None:
@@ -490,7 +491,7 @@ class Service:
                             fingerprint(p.delivery.body),
                             p.prepared.content_key,
                             tuple(r.key for r in p.prepared.recipients),
-                            p.delivery.redelivered,
+                            p.delivery.redelivered or p.provenance.in_doubt,
                         )
                         for p in waiting
                     ]
@@ -668,7 +669,7 @@ class Service:
                     [
                         (
                             p.subject(claimed=False),
-                            Later(1.0, "in_flight", "another copy is being sent", None),
+                            in_flight(),
                         )
                         for p in gone
                     ]

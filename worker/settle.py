@@ -25,7 +25,7 @@ import aiormq.abc
 
 from worker.broker import Broker, Outgoing
 from worker.contract import ErrorInfo, ResultEvent, Status
-from worker.delivery import Delivery, HeaderSigner, Provenance, RequestCopy
+from worker.delivery import Delivery, HeaderSigner, Provenance, RequestCopy, fingerprint
 from worker.fate import (
     Accepted,
     Fail,
@@ -134,8 +134,8 @@ def error_info(code: str, message: str, retryable: bool, gateway: int | None = N
 
 @dataclass(slots=True)
 class _Plan:
-    finish_sent: dict[str, tuple[str, str]] = field(default_factory=dict)
-    finish_answered: dict[str, str] = field(default_factory=dict)
+    finish_sent: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    finish_answered: dict[str, tuple[str, str]] = field(default_factory=dict)
     released: list[str] = field(default_factory=list)
     refunds: list[str] = field(default_factory=list)
     unknown_mails: set[str] = field(default_factory=set)
@@ -245,7 +245,7 @@ class Settler:
             plan.dead.append((subject.copy, fate.code, fate.reason))
         if isinstance(fate, Later):
             attempt = subject.attempt + 1 if fate.next_attempt else subject.attempt
-            provenance = Provenance(attempt, subject.first_seen or now, fate.group)
+            provenance = Provenance(attempt, subject.first_seen or now, fate.group, fate.in_doubt)
             headers = self._signer.headers(subject.copy.body, provenance)
             plan.delays.append((subject.copy, fate.wait, headers))
         if isinstance(fate, Unknown) and fate.mail_id is not None:
@@ -256,11 +256,11 @@ class Settler:
             return
         if isinstance(fate, Submitted):
             assert event is not None
-            plan.finish_sent[rid] = (fate.mail_id, body)
+            plan.finish_sent[rid] = (fate.mail_id, body, fingerprint(subject.copy.body))
             plan.submitted.append(subject)
         elif isinstance(fate, Accepted) or (isinstance(fate, Fail) and fate.mail_id):
             assert event is not None
-            plan.finish_answered[rid] = body
+            plan.finish_answered[rid] = (body, fingerprint(subject.copy.body))
         elif isinstance(fate, Reject | Later | Fail):
             plan.released.append(rid)
         if isinstance(fate, Later | Fail) and fate.refund and subject.content_key:

@@ -164,10 +164,12 @@ class Gate:
 class Finish:
     """The ledger side of settling a set of fates, applied in one step."""
 
-    # request id -> (mail id, the event published for it): the e-mail went out (or may have).
-    sent: Mapping[str, tuple[str, str]] = field(default_factory=dict)
-    # request id -> its final event: the gateway answered.
-    answered: Mapping[str, str] = field(default_factory=dict)
+    # request id -> (mail id, the event published for it, its fingerprint): the e-mail went
+    # out (or may have). Recorded over any state but `answered`, even where the entry is
+    # gone (a store that lost its data): that is what keeps the request from going twice.
+    sent: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
+    # request id -> (its final event, its fingerprint): the gateway answered.
+    answered: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     # requests of which nothing went out: a later copy may be sent.
     released: Sequence[str] = ()
     # content keys admitted for requests whose e-mail was refused whole: no copy after all.

@@ -139,14 +139,14 @@ class MemoryStateStore:
 
     async def finish(self, finish: Finish) -> None:
         now = self._clock()
-        for request_id, (mail_id, event) in finish.sent.items():
+        for request_id, (mail_id, event, fp) in finish.sent.items():
             entry = self._ledger.get(request_id)
-            if entry is not None and entry.state in ("claimed", "sending"):
-                self._set(request_id, replace(entry, state="sent", mail_id=mail_id, event=event))
-        for request_id, event in finish.answered.items():
+            if entry is None or entry.state != "answered":
+                self._set(request_id, _Entry("sent", fp, now, mail_id, event))
+        for request_id, (event, fp) in finish.answered.items():
             entry = self._ledger.get(request_id)
-            if entry is not None:
-                self._set(request_id, replace(entry, state="answered", event=event, at=now))
+            kept_mail = entry.mail_id if entry is not None else None
+            self._set(request_id, _Entry("answered", fp, now, kept_mail, event))
         for request_id in finish.released:
             entry = self._ledger.get(request_id)
             if entry is not None:

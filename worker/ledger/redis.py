@@ -258,14 +258,7 @@ class RedisStateStore:
         self._gen = gen
         if seen == "new":
             if previous is None:
-                log.warning(
-                    "Redis lost its data, or this account is new to it: no generation under "
-                    "%s; started %s. For %s s a redelivered request with no ledger entry is "
-                    "reported ledger_lost instead of sent",
-                    self._base,
-                    gen,
-                    self._grace_ms / 1000,
-                )
+                log.info("no generation under %s yet (a new account): started %s", self._base, gen)
             else:
                 log.warning(
                     "Redis lost its data: generation %s under %s is gone, started %s. Claims "
@@ -360,11 +353,11 @@ class RedisStateStore:
 
     async def finish(self, finish: Finish) -> None:
         args: list[str | int] = [self._dedup_ms, len(finish.sent)]
-        for request_id, (mail_id, event) in finish.sent.items():
-            args += [request_id, mail_id, event]
+        for request_id, (mail_id, event, fp) in finish.sent.items():
+            args += [request_id, mail_id, event, fp]
         args.append(len(finish.answered))
-        for request_id, event in finish.answered.items():
-            args += [request_id, event]
+        for request_id, (event, fp) in finish.answered.items():
+            args += [request_id, event, fp]
         for group in (finish.released, finish.refunds, finish.mails_done):
             args += [len(group), *group]
         await self._call("finish", *args)

@@ -2,7 +2,8 @@
 --
 -- KEYS[1]  the account's generation key (no TTL): a random value that disappears only when
 --          Redis loses its data (a restart without persistence, a flush).
--- KEYS[2]  the reset mark: set, for reset_grace, when a missing generation was replaced.
+-- KEYS[2]  the reset mark: set, for reset_grace, when a generation the caller had seen was
+--          found missing and replaced.
 -- ARGV[1]  the account's key base, '<prefix>:{<account>}:' (every key shares its hash tag,
 --          so one slot holds them all and every key built here is local on a cluster).
 -- ARGV[2]  the generation this store last saw ('' before its first call).
@@ -43,8 +44,10 @@ local GEN_SEEN = 'same'
 if not GEN then
   GEN = ARGV[3]
   redis.call('SET', KEYS[1], GEN)
+  -- Only a caller that saw a generation before knows that data was lost; a first start
+  -- against an empty Redis is taken for a new account (README: persistence).
   local grace = tonumber(ARGV[4])
-  if grace > 0 then
+  if grace > 0 and ARGV[2] ~= '' then
     redis.call('SET', KEYS[2], fmt(NOW), 'PX', grace)
   end
   GEN_SEEN = 'new'
