@@ -106,32 +106,41 @@ def make_settings(
 class Results:
     """Every result event published while the test runs, by request id."""
 
+    # A condition is checked at most this often: a stream of thousands of events must not
+    # keep the test's loop (which also runs the emulator) busy checking.
+    CHECK_EVERY_S = 0.05
+
     def __init__(self) -> None:
         self.events: list[ResultEvent] = []
         self.headers: list[dict[str, Any]] = []
+        self._by_request: dict[str | None, list[ResultEvent]] = {}
         self._changed = asyncio.Event()
 
     def add(self, event: ResultEvent, headers: dict[str, Any]) -> None:
         self.events.append(event)
         self.headers.append(headers)
+        self._by_request.setdefault(event.request_id, []).append(event)
         self._changed.set()
 
     def of(self, request_id: str) -> list[ResultEvent]:
-        return [e for e in self.events if e.request_id == request_id]
+        return list(self._by_request.get(request_id, ()))
 
     def statuses(self, request_id: str) -> list[Status]:
-        return [e.status for e in self.of(request_id)]
+        return [e.status for e in self._by_request.get(request_id, ())]
 
     def with_status(self, status: Status) -> list[ResultEvent]:
         return [e for e in self.events if e.status == status]
 
     async def wait_until(self, condition: Callable[[], bool], timeout: float = 30) -> None:
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
             while True:
                 self._changed.clear()
+                checked = loop.time()
                 if condition():
                     return
                 await self._changed.wait()
+                await asyncio.sleep(max(checked + self.CHECK_EVERY_S - loop.time(), 0))
 
 
 class Broker:
