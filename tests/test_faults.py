@@ -33,6 +33,8 @@ from tests.conftest import (
     make_settings,
     phone,
 )
+from tests.test_cli import cli_env
+from tests.test_limits_and_retries import FAST_RETRY, SHORT_WINDOWS, WORKER_LIMITS
 from worker.contract import Status
 from worker.emulator.config import EmulatorConfig
 from worker.emulator.rules import recipient_key
@@ -44,16 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER_BIN = ROOT / ".venv" / "bin" / "smsc-worker"
 FINAL = frozenset({Status.accepted, Status.failed, Status.rejected})
 
-WINDOW_S = 2.0
-SHORT_WINDOWS = {"duplicate_window_s": WINDOW_S, "streak_gap_s": WINDOW_S}
-WORKER_LIMITS = LimitSettings(
-    identical_window_s=WINDOW_S + 0.5,
-    subscriber_gap_s=WINDOW_S + 0.5,
-    mails_per_second=1000,
-    parts_per_second=100_000,
-)
 HIGH_PACE = LimitSettings(mails_per_second=1000, parts_per_second=100_000)
-FAST_RETRY = RetrySettings(base_delay_s=1, max_delay_s=2, circuit_base_s=1, circuit_max_s=2)
 FAST_BACKOFF = RetrySettings(
     base_delay_s=0.5, max_delay_s=2, max_age_s=3600, circuit_base_s=1, circuit_max_s=2
 )
@@ -353,41 +346,27 @@ class WorkerProcess:
 def worker_env(
     amqp: AmqpSettings, state: StateSettings, smtp_port: int, reply_port: int, name: str
 ) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMSC_")}
-    env.update(
-        {
-            "SMSC_AMQP__REQUESTS_QUEUE": amqp.requests_queue,
-            "SMSC_AMQP__RESULTS_EXCHANGE": amqp.results_exchange,
-            "SMSC_AMQP__DEAD_LETTER_EXCHANGE": amqp.dead_letter_exchange,
-            "SMSC_AMQP__DEAD_LETTER_QUEUE": amqp.dead_letter_queue,
-            "SMSC_AMQP__RETRY_QUEUE": amqp.retry_queue,
-            "SMSC_AMQP__CONNECTION_NAME": name,
-            "SMSC_STATE__URL": state.url.get_secret_value(),
-            "SMSC_STATE__KEY_PREFIX": state.key_prefix,
-            "SMSC_STATE__OWNER_TTL_S": "3",
-            "SMSC_SMTP__HOST": "127.0.0.1",
-            "SMSC_SMTP__PORT": str(smtp_port),
-            "SMSC_SMTP__TIMEOUT_S": "5",
-            "SMSC_SMTP__SUBMIT_DEADLINE_S": "10",
-            "SMSC_REPLY__HOST": "127.0.0.1",
-            "SMSC_REPLY__PORT": str(reply_port),
-            "SMSC_REPLY__ADDRESS": "replies@worker.test",
-            "SMSC_GATEWAY__PASSWORD": "demo",
-            "SMSC_BATCH__MAX_LINES": "500",
-            "SMSC_LIMITS__MAILS_PER_SECOND": "1000",
-            "SMSC_LIMITS__PARTS_PER_SECOND": "100000",
-            "SMSC_RETRY__BASE_DELAY_S": "1",
-            "SMSC_RETRY__MAX_DELAY_S": "2",
-            "SMSC_RETRY__CIRCUIT_BASE_S": "1",
-            "SMSC_RETRY__CIRCUIT_MAX_S": "2",
-            "SMSC_OBSERVABILITY__HEALTH_PORT": "0",
-            "SMSC_OBSERVABILITY__METRICS_PORT": "0",
-            "SMSC_OBSERVABILITY__LOG_FORMAT": "text",
-            "SMSC_OBSERVABILITY__DRAIN_TIMEOUT_S": "15",
-            "SMSC_SECRETS_DIR": str(ROOT / "tests" / "no-secrets-here"),
-        }
+    return cli_env(
+        amqp,
+        SMSC_AMQP__CONNECTION_NAME=name,
+        SMSC_STATE__URL=state.url.get_secret_value(),
+        SMSC_STATE__KEY_PREFIX=state.key_prefix,
+        SMSC_STATE__OWNER_TTL_S="3",
+        SMSC_SMTP__HOST="127.0.0.1",
+        SMSC_SMTP__PORT=str(smtp_port),
+        SMSC_SMTP__TIMEOUT_S="5",
+        SMSC_SMTP__SUBMIT_DEADLINE_S="10",
+        SMSC_REPLY__PORT=str(reply_port),
+        SMSC_REPLY__ADDRESS="replies@worker.test",
+        SMSC_GATEWAY__PASSWORD="demo",
+        SMSC_BATCH__MAX_LINES="500",
+        SMSC_LIMITS__MAILS_PER_SECOND="1000",
+        SMSC_LIMITS__PARTS_PER_SECOND="100000",
+        SMSC_RETRY__BASE_DELAY_S="1",
+        SMSC_RETRY__MAX_DELAY_S="2",
+        SMSC_RETRY__CIRCUIT_BASE_S="1",
+        SMSC_RETRY__CIRCUIT_MAX_S="2",
     )
-    return env
 
 
 def check_fates(results: Results, emulator: Emulator, requests: list[dict[str, Any]]) -> None:

@@ -443,8 +443,8 @@ async def test_a_mail_is_taken_by_one_reply_at_a_time(make: MakeHarness) -> None
     assert await store.take_mail("m1") is None  # unknown yet
     await store.begin_sending(record("m1", "r1"))
     assert await store.take_mail("m1") is not None
-    with pytest.raises(MailBusy):
-        await store.take_mail("m1")
+    # Its own lease is the process's to take again (it knows what it is handling).
+    assert await store.take_mail("m1") is not None
     await store.give_back_mail("m1")
     assert await store.take_mail("m1") is not None
     await store.finish(Finish(answered={"r1": ("ev", "fp")}, mails_done=["m1"]))

@@ -75,6 +75,9 @@ from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+INTAKE_BURST = 200
+INTAKE_GATHER_S = 0.002
+
 
 def header_key(settings: Settings) -> bytes:
     """The key that signs the worker's own headers: its own setting, or one derived from
@@ -190,7 +193,8 @@ class Service:
         self._batch_added = asyncio.Event()
         self._submission_done = asyncio.Event()
         self._submitting: dict[str, asyncio.Future[None]] = {}
-        self._replies_in_progress = 0
+        # E-mails whose reply is being handled here: one reply per e-mail at a time.
+        self._replies: set[str] = set()
         self._stopped = asyncio.Event()
         self.draining = False
         self.account_stopped = False
@@ -317,7 +321,7 @@ class Service:
         so the receiver stays open for them while the drain time lasts. A shared store lets
         any replica match them."""
         local = isinstance(self.store, MemoryStateStore)
-        while self._replies_in_progress or (local and await self.store.unanswered(time.time())):
+        while self._replies or (local and await self.store.unanswered(time.time())):
             if time.monotonic() >= deadline:
                 log.warning("stopping with e-mails still unanswered")
                 return
@@ -449,6 +453,10 @@ class Service:
     async def _intake_loop(self) -> None:
         while True:
             await self._inbox_ready.wait()
+            # A moment (small beside the batch window) lets the deliveries arriving right
+            # behind this one join its burst: fewer, larger store calls.
+            if len(self._inbox) < INTAKE_BURST:
+                await asyncio.sleep(INTAKE_GATHER_S)
             self._inbox_ready.clear()
             if not self._inbox:
                 continue
@@ -755,23 +763,26 @@ class Service:
     async def on_reply(self, mail_id: str, reply: Reply) -> None:
         """Turn the gateway's answer to one e-mail into fates, and settle them. Raises when
         they could not be settled, so that the reply is sent again."""
-        submitting = self._submitting.get(mail_id)
-        if submitting is not None:
-            await asyncio.shield(submitting)
-        record = await self.store.take_mail(mail_id)
-        if record is None:
-            log.warning("reply for unknown or already answered e-mail %s: %s", mail_id, reply)
-            return
-        self._replies_in_progress += 1
+        if mail_id in self._replies:
+            raise MailBusy(f"a reply to e-mail {mail_id} is being handled")
+        self._replies.add(mail_id)
         try:
-            with self.telemetry.reply(record, reply):
-                await self._apply_reply(record, reply)
-        except Exception:
-            with contextlib.suppress(StateUnavailable):
-                await self.store.give_back_mail(mail_id)
-            raise
+            submitting = self._submitting.get(mail_id)
+            if submitting is not None:
+                await asyncio.shield(submitting)
+            record = await self.store.take_mail(mail_id)
+            if record is None:
+                log.warning("reply for unknown or already answered e-mail %s: %s", mail_id, reply)
+                return
+            try:
+                with self.telemetry.reply(record, reply):
+                    await self._apply_reply(record, reply)
+            except Exception:
+                with contextlib.suppress(StateUnavailable):
+                    await self.store.give_back_mail(mail_id)
+                raise
         finally:
-            self._replies_in_progress -= 1
+            self._replies.discard(mail_id)
 
     async def _apply_reply(self, record: MailRecord, reply: Reply) -> None:
         subjects = [Subject.of_carried(c) for c in record.requests]

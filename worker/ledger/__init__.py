@@ -212,7 +212,8 @@ class StateStore(Protocol):
     async def take_mail(self, mail_id: str) -> MailRecord | None:
         """The record of an e-mail, for one reply at a time: None when it is unknown (or
         answered); MailBusy while another live replica handles a reply to it (until its
-        `finish` or `give_back_mail`, or its death)."""
+        `finish` or `give_back_mail`, or its death). A lease of this process's own is taken
+        again: the caller keeps one reply per e-mail in hand at a time."""
 
     async def give_back_mail(self, mail_id: str) -> None:
         """A reply could not be settled: its e-mail's record may be taken again."""
