@@ -101,13 +101,29 @@ class GatewaySettings(_Group):
 class SmtpSettings(_Group):
     host: str = "send.smscentre.com"
     port: int = Field(25, ge=1, le=65535)
-    security: Literal["none", "starttls", "tls"] = "none"
-    ca_file: str = Field("", description="CA bundle to verify the server; empty: the system's")
+    security: Literal["opportunistic", "none", "starttls", "tls"] = Field(
+        "opportunistic",
+        description="opportunistic: STARTTLS whenever the server offers it, certificate not "
+        "verified; starttls or tls (implicit): required and verified; none: cleartext",
+    )
+    ca_file: str = Field(
+        "", description="CA bundle to verify the server (starttls, tls); empty: the system's"
+    )
     username: str = ""
     password: SecretStr = SecretStr("")
     timeout_s: float = Field(30.0, gt=0, description="per socket operation")
     submit_deadline_s: float = Field(60.0, gt=0, description="overall deadline for one e-mail")
     connections: int = Field(2, ge=1, le=32, description="parallel SMTP connections")
+
+    @model_validator(mode="after")
+    def _no_cleartext_auth(self) -> SmtpSettings:
+        if self.security == "none" and self.username:
+            raise ValueError(
+                f"{ENV_PREFIX}SMTP__USERNAME is set with {ENV_PREFIX}SMTP__SECURITY=none: the "
+                "SMTP password would travel in clear; use opportunistic, starttls or tls, or "
+                "leave the username empty"
+            )
+        return self
 
 
 class ReplySettings(_Group):
