@@ -136,12 +136,50 @@ class ReplySettings(_Group):
     timeout_s: float = Field(
         900.0, gt=0, description="how long to wait for the gateway's reply to an e-mail"
     )
+    max_message_bytes: int = Field(
+        262_144,
+        ge=1024,
+        description="largest reply e-mail taken (advertised as SIZE; a bigger one is refused "
+        "552 and its connection closed as soon as it passes the limit)",
+    )
+    max_recipients: int = Field(5, ge=1, description="recipients per reply e-mail at most")
+    max_sessions: int = Field(100, ge=1, description="open SMTP sessions at most (more: 421)")
+    max_sessions_per_peer: int = Field(
+        20, ge=1, description="open SMTP sessions from one address at most (more: 421)"
+    )
+    command_timeout_s: float = Field(
+        30.0, gt=0, description="a session silent this long is closed (DATA included)"
+    )
+    session_timeout_s: float = Field(
+        300.0, gt=0, description="a session is closed this long after it opened"
+    )
+    tls_cert_file: str = Field(
+        "", description="certificate chain (PEM) to offer STARTTLS with; empty: no STARTTLS"
+    )
+    tls_key_file: str = Field("", description="private key (PEM) of tls_cert_file")
 
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
         Envelope(mail_from=value)
         return value
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> ReplySettings:
+        cert, key = f"{ENV_PREFIX}REPLY__TLS_CERT_FILE", f"{ENV_PREFIX}REPLY__TLS_KEY_FILE"
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError(f"set both {cert} and {key} (to offer STARTTLS), or neither")
+        if self.tls_cert_file:
+            import ssl
+
+            try:
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"{cert} / {key}: cannot load the certificate and key: {exc}"
+                ) from None
+        return self
 
 
 class BatchSettings(_Group):
