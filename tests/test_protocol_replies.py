@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from worker.metrics import gateway_error_label
 from worker.protocol.replies import (
+    DESCRIPTION_LIMIT,
     ERRORS_WITH_ID,
     Accepted,
     Action,
@@ -184,3 +186,27 @@ def test_rendered_replies_parse_inside_a_real_mail(
     reply = Accepted(count, mail_id)
     body = before + wrap.format(render_reply(reply)) + after
     assert parse_reply(body) == reply
+
+
+def test_a_long_description_is_cut_and_control_characters_blanked() -> None:
+    reply = parse_reply(f"ERROR = 6 ({'spam ' * 10_000}\x1b[31mred), ID - 9")
+    assert isinstance(reply, Rejected)
+    assert len(reply.description) == DESCRIPTION_LIMIT == 200
+    assert reply.description.endswith("…")
+    assert reply.mail_id == "9"
+    coloured = parse_reply("ERROR = 6 (\x1b[31mred\x07), ID - 9")
+    assert isinstance(coloured, Rejected)
+    assert coloured.description == "[31mred"
+
+
+@pytest.mark.parametrize(
+    "body", ["ERROR = " + "9" * 5000 + " (x)", "OK - " + "1" * 5000 + " SMS, ID - 5"]
+)
+def test_a_number_of_thousands_of_digits_is_unreadable_not_a_crash(body: str) -> None:
+    with pytest.raises(UnreadableReply):
+        parse_reply(body)
+
+
+def test_only_documented_error_numbers_are_metric_labels() -> None:
+    assert [gateway_error_label(n) for n in (1, 8, 9)] == ["1", "8", "9"]
+    assert {gateway_error_label(n) for n in (0, 10, 42, 10**11)} == {"other"}

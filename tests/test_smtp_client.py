@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trustme
 from aiosmtpd.smtp import AuthResult, LoginPassword
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from worker.emulator.config import EmulatorConfig
 from worker.emulator.server import Emulator
@@ -28,13 +28,19 @@ USER, PASSWORD = "worker", "smtp-pass-123"
 class Inbox:
     def __init__(self) -> None:
         self.messages: list[bytes] = []
+        self.encrypted: list[bool] = []  # per message: did it arrive over TLS
+        self.logins: list[bool] = []  # per AUTH attempt: was the session encrypted
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.messages.append(envelope.original_content)
+        self.encrypted.append(session.ssl is not None)
         return "250 OK"
 
 
 def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+    inbox = server.event_handler
+    if isinstance(inbox, Inbox):
+        inbox.logins.append(session.ssl is not None)
     ok = isinstance(data, LoginPassword) and (data.login, data.password) == (
         USER.encode(),
         PASSWORD.encode(),
@@ -118,7 +124,7 @@ async def test_plain_client_against_a_server_that_requires_starttls_is_refused(
     inbox = Inbox()
     async with (
         smtp_server(inbox, tls_context=server_context(ca), require_starttls=True) as port,
-        client(port) as smtp,
+        client(port, security="none") as smtp,
     ):
         result = await smtp.submit("a@example.org", "b@example.org", MAIL)
     assert result.outcome == Outcome.permanent
@@ -169,3 +175,83 @@ async def test_an_overall_deadline_bounds_a_slow_server() -> None:
     # The data went out before the server stalled: the mail may have been taken.
     assert result.outcome == Outcome.unknown
     assert elapsed < 2.5, "the per-operation timeout, not the deadline, ended the wait"
+
+
+async def test_the_default_uses_starttls_whenever_the_server_offers_it(ca: trustme.CA) -> None:
+    """Opportunistic (the default): the server offers STARTTLS without requiring it, and its
+    certificate is one the client has no CA for; the e-mail goes encrypted all the same."""
+    inbox = Inbox()
+    async with smtp_server(inbox, tls_context=server_context(ca)) as port:
+        assert SmtpSettings().security == "opportunistic"
+        async with client(port) as smtp:
+            result = await smtp.submit("a@example.org", "b@example.org", MAIL)
+    assert result.outcome == Outcome.accepted
+    assert inbox.encrypted == [True]
+
+
+async def test_opportunistic_without_starttls_sends_in_clear_but_never_a_password() -> None:
+    inbox = Inbox()
+    # A server that offers AUTH over a cleartext session (and no STARTTLS).
+    async with smtp_server(inbox, authenticator=authenticate, auth_require_tls=False) as port:
+        async with client(port) as smtp:
+            plain = await smtp.submit("a@example.org", "b@example.org", MAIL)
+        async with client(port, username=USER, password=SecretStr(PASSWORD)) as smtp:
+            refused = await smtp.submit("a@example.org", "b@example.org", MAIL)
+
+    assert plain.outcome == Outcome.accepted
+    assert inbox.encrypted == [False]
+    assert refused.outcome == Outcome.permanent
+    assert "STARTTLS" in refused.detail and PASSWORD not in refused.detail
+    assert inbox.logins == [], "AUTH was attempted over a cleartext session"
+    assert len(inbox.messages) == 1
+
+
+async def test_opportunistic_logs_in_once_the_session_is_encrypted(ca: trustme.CA) -> None:
+    inbox = Inbox()
+    async with (
+        smtp_server(
+            inbox, tls_context=server_context(ca), authenticator=authenticate, auth_required=True
+        ) as port,
+        client(port, username=USER, password=SecretStr(PASSWORD)) as smtp,
+    ):
+        result = await smtp.submit("a@example.org", "b@example.org", MAIL)
+    assert result.outcome == Outcome.accepted
+    assert inbox.logins == [True]
+    assert inbox.encrypted == [True]
+
+
+async def test_starttls_verifies_the_server_against_the_ca_file(
+    ca: trustme.CA, ca_file: str
+) -> None:
+    inbox = Inbox()
+    async with smtp_server(inbox, tls_context=server_context(ca)) as port:
+        async with client(port, security="starttls", ca_file=ca_file) as smtp:
+            trusted = await smtp.submit("a@example.org", "b@example.org", MAIL)
+        async with client(port, security="starttls") as smtp:
+            untrusted = await smtp.submit("a@example.org", "b@example.org", MAIL)
+        other_ca = trustme.CA()
+        other_file = Path(ca_file).with_name("other-ca.pem")
+        other_ca.cert_pem.write_to_path(str(other_file))
+        async with client(port, security="starttls", ca_file=str(other_file)) as smtp:
+            wrong_ca = await smtp.submit("a@example.org", "b@example.org", MAIL)
+
+    assert trusted.outcome == Outcome.accepted
+    assert untrusted.outcome == Outcome.transient
+    assert wrong_ca.outcome == Outcome.transient
+    assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca.detail
+    assert inbox.encrypted == [True]
+
+
+async def test_starttls_required_but_not_offered_is_not_sent_in_clear() -> None:
+    inbox = Inbox()
+    async with smtp_server(inbox) as port, client(port, security="starttls") as smtp:
+        result = await smtp.submit("a@example.org", "b@example.org", MAIL)
+    assert result.outcome != Outcome.accepted
+    assert inbox.messages == []
+
+
+def test_a_username_with_cleartext_security_stops_start_up() -> None:
+    with pytest.raises(ValidationError) as raised:
+        SmtpSettings(security="none", username=USER)
+    message = str(raised.value)
+    assert "SMSC_SMTP__USERNAME" in message and "SMSC_SMTP__SECURITY" in message

@@ -39,6 +39,12 @@ def received_at(headers: Mapping[str, Any]) -> float | None:
     return value / 1000 if isinstance(value, int) else None
 
 
+def gateway_error_label(number: int) -> str:
+    """The `error` label of a gateway error: its number for the documented ones (1-9), one
+    label for any other, so a reply cannot add label values (series) at will."""
+    return str(number) if 1 <= number <= 9 else "other"
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

@@ -32,7 +32,11 @@ def emulator_for(settings: Settings, reply_port: int) -> EmulatorConfig:
 
 
 def pointed_at(settings: Settings, host: str, port: int) -> Settings:
-    smtp = settings.smtp.model_copy(update={"host": host, "port": port, "security": "none"})
+    # The in-process emulator speaks plain SMTP without AUTH (a username would be refused
+    # in clear).
+    smtp = settings.smtp.model_copy(
+        update={"host": host, "port": port, "security": "none", "username": ""}
+    )
     return settings.model_copy(update={"smtp": smtp})
 
 

@@ -70,7 +70,7 @@ from worker.reply_receiver import ReplyHandler, reply_address
 from worker.settings import Settings
 from worker.settle import Acker, Settler
 from worker.smtp_client import GatewaySmtp, SubmitResult
-from worker.smtp_server import bound_port, serve_smtp
+from worker.smtp_server import ListenerLimits, bound_port, serve_smtp, server_tls_context
 from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,23 @@ class Service:
         self.telemetry.metrics.state_up.set(1)
         self._smtp = GatewaySmtp(s.smtp)
         self._reply_server = await serve_smtp(
-            ReplyHandler(s.reply.address, self.on_reply), s.reply.host, s.reply.port
+            ReplyHandler(s.reply.address, self.on_reply),
+            s.reply.host,
+            s.reply.port,
+            limits=ListenerLimits(
+                max_message_bytes=s.reply.max_message_bytes,
+                max_recipients=s.reply.max_recipients,
+                max_sessions=s.reply.max_sessions,
+                max_sessions_per_peer=s.reply.max_sessions_per_peer,
+                command_timeout_s=s.reply.command_timeout_s,
+                session_timeout_s=s.reply.session_timeout_s,
+            ),
+            tls_context=(
+                server_tls_context(s.reply.tls_cert_file, s.reply.tls_key_file)
+                if s.reply.tls_cert_file
+                else None
+            ),
+            require_starttls=False,
         )
         await self.broker.connect()
         for loop in (

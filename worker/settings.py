@@ -101,13 +101,29 @@ class GatewaySettings(_Group):
 class SmtpSettings(_Group):
     host: str = "send.smscentre.com"
     port: int = Field(25, ge=1, le=65535)
-    security: Literal["none", "starttls", "tls"] = "none"
-    ca_file: str = Field("", description="CA bundle to verify the server; empty: the system's")
+    security: Literal["opportunistic", "none", "starttls", "tls"] = Field(
+        "opportunistic",
+        description="opportunistic: STARTTLS whenever the server offers it, certificate not "
+        "verified; starttls or tls (implicit): required and verified; none: cleartext",
+    )
+    ca_file: str = Field(
+        "", description="CA bundle to verify the server (starttls, tls); empty: the system's"
+    )
     username: str = ""
     password: SecretStr = SecretStr("")
     timeout_s: float = Field(30.0, gt=0, description="per socket operation")
     submit_deadline_s: float = Field(60.0, gt=0, description="overall deadline for one e-mail")
     connections: int = Field(2, ge=1, le=32, description="parallel SMTP connections")
+
+    @model_validator(mode="after")
+    def _no_cleartext_auth(self) -> SmtpSettings:
+        if self.security == "none" and self.username:
+            raise ValueError(
+                f"{ENV_PREFIX}SMTP__USERNAME is set with {ENV_PREFIX}SMTP__SECURITY=none: the "
+                "SMTP password would travel in clear; use opportunistic, starttls or tls, or "
+                "leave the username empty"
+            )
+        return self
 
 
 class ReplySettings(_Group):
@@ -120,12 +136,50 @@ class ReplySettings(_Group):
     timeout_s: float = Field(
         900.0, gt=0, description="how long to wait for the gateway's reply to an e-mail"
     )
+    max_message_bytes: int = Field(
+        262_144,
+        ge=1024,
+        description="largest reply e-mail taken (advertised as SIZE; a bigger one is refused "
+        "552 and its connection closed as soon as it passes the limit)",
+    )
+    max_recipients: int = Field(5, ge=1, description="recipients per reply e-mail at most")
+    max_sessions: int = Field(100, ge=1, description="open SMTP sessions at most (more: 421)")
+    max_sessions_per_peer: int = Field(
+        20, ge=1, description="open SMTP sessions from one address at most (more: 421)"
+    )
+    command_timeout_s: float = Field(
+        30.0, gt=0, description="a session silent this long is closed (DATA included)"
+    )
+    session_timeout_s: float = Field(
+        300.0, gt=0, description="a session is closed this long after it opened"
+    )
+    tls_cert_file: str = Field(
+        "", description="certificate chain (PEM) to offer STARTTLS with; empty: no STARTTLS"
+    )
+    tls_key_file: str = Field("", description="private key (PEM) of tls_cert_file")
 
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
         Envelope(mail_from=value)
         return value
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> ReplySettings:
+        cert, key = f"{ENV_PREFIX}REPLY__TLS_CERT_FILE", f"{ENV_PREFIX}REPLY__TLS_KEY_FILE"
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError(f"set both {cert} and {key} (to offer STARTTLS), or neither")
+        if self.tls_cert_file:
+            import ssl
+
+            try:
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"{cert} / {key}: cannot load the certificate and key: {exc}"
+                ) from None
+        return self
 
 
 class BatchSettings(_Group):

@@ -36,7 +36,27 @@ class SubmitResult:
     code: int | None = None
 
 
+class CleartextAuthRefused(aiosmtplib.SMTPException):
+    """A username is set, but the session is not encrypted: the password stays home."""
+
+
+def _tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
+    """Verified for `starttls` and `tls` (the CA file or the system's); not for
+    `opportunistic`, which, like MTAs between themselves, encrypts against passive
+    eavesdropping but cannot tell the gateway from an impostor; none for `none`."""
+    if settings.security == "none":
+        return None
+    if settings.security == "opportunistic":
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=settings.ca_file or None)
+
+
 def _classify(exc: BaseException, data_sent: bool) -> SubmitResult:
+    if isinstance(exc, CleartextAuthRefused):
+        return SubmitResult(Outcome.permanent, str(exc))
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         outcome = Outcome.transient if 400 <= exc.code < 500 else Outcome.permanent
         return SubmitResult(outcome, f"{exc.code} {exc.message}".strip(), exc.code)
@@ -51,25 +71,45 @@ class GatewaySmtp:
     def __init__(self, settings: SmtpSettings) -> None:
         self._settings = settings
         self._idle: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
+        self._warned_cleartext = False
         for _ in range(settings.connections):
             self._idle.put_nowait(self._new_client())
 
     def _new_client(self) -> aiosmtplib.SMTP:
         s = self._settings
+        # The password is not given to aiosmtplib: it would log in whatever the transport.
+        # `_connect` does, after checking that the session is encrypted.
         return aiosmtplib.SMTP(
             hostname=s.host,
             port=s.port,
             timeout=s.timeout_s,
             use_tls=s.security == "tls",
-            start_tls=s.security == "starttls",
-            tls_context=(
-                ssl.create_default_context(cafile=s.ca_file or None)
-                if s.security != "none"
-                else None
-            ),
-            username=s.username or None,
-            password=s.password.get_secret_value() or None,
+            # None: STARTTLS when the server offers it (aiosmtplib's opportunistic mode).
+            start_tls={"opportunistic": None, "starttls": True}.get(s.security, False),
+            tls_context=_tls_context(s),
         )
+
+    async def _connect(self, client: aiosmtplib.SMTP) -> None:
+        await client.connect()
+        encrypted = client.get_transport_info("sslcontext") is not None
+        if not encrypted and not self._warned_cleartext:
+            self._warned_cleartext = True
+            log.warning(
+                "%s:%d did not offer STARTTLS: e-mails (and the account password in them) "
+                "go in clear",
+                self._settings.host,
+                self._settings.port,
+            )
+        username = self._settings.username
+        if username:
+            if not encrypted:
+                client.close()
+                raise CleartextAuthRefused(
+                    f"SMTP AUTH refused: {self._settings.host}:{self._settings.port} did not "
+                    "offer STARTTLS, and the SMTP password is never sent in clear (set "
+                    "SMSC_SMTP__SECURITY=starttls or tls to require TLS)"
+                )
+            await client.login(username, self._settings.password.get_secret_value())
 
     async def __aenter__(self) -> GatewaySmtp:
         return self
@@ -104,7 +144,7 @@ class GatewaySmtp:
                 for fresh in (not client.is_connected, True):
                     try:
                         if not client.is_connected:
-                            await client.connect()
+                            await self._connect(client)
                         await client.mail(mail_from, options=self._mail_options(client))
                         await client.rcpt(recipient)
                         data_sent = True

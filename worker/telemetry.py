@@ -60,7 +60,7 @@ from worker.delivery import ATTEMPT_HEADER
 from worker.errors import ConfigurationError
 from worker.ledger import CircuitView, MailRecord
 from worker.logs import Masker, gateway_id_var, request_id_var, secrets_of
-from worker.metrics import RECEIVED_HEADER, Metrics
+from worker.metrics import RECEIVED_HEADER, Metrics, gateway_error_label
 from worker.protocol.replies import Accepted, Reply
 from worker.settings import Settings
 from worker.smtp_client import Outcome, SubmitResult
@@ -307,7 +307,7 @@ class Telemetry:
             number = int(reply.error)
             attributes[GATEWAY_ERROR] = number
             attributes[GATEWAY_ACTION] = reply.action.value
-            self.metrics.gateway_errors.labels(str(number)).inc()
+            self.metrics.gateway_errors.labels(gateway_error_label(number)).inc()
         with (
             self._span(
                 "gateway reply", SpanKind.SERVER, attributes, context=Context(), links=links

@@ -4,6 +4,7 @@ and what each error number asks of the client (the table in NOTES.md)."""
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
@@ -101,11 +102,25 @@ class UnreadableReply(ValueError):
 # description runs to the last ")" that still leaves a valid ending, so a description that
 # itself holds parentheses keeps both its text and the ID after it.
 _ID = r"((?-i:[A-Za-z0-9._-])+)"  # case-exact: no Kelvin sign for a K
-_OK = re.compile(rf"OK\s*-\s*(\d+)\s*SMS\s*,\s*ID\s*-\s*{_ID}", re.IGNORECASE)
+# Numbers of at most 12 digits: int() of thousands of digits raises (and costs).
+_OK = re.compile(rf"OK\s*-\s*(\d{{1,12}})\s*SMS\s*,\s*ID\s*-\s*{_ID}", re.IGNORECASE)
 _ERROR = re.compile(
-    rf"ERROR\s*=\s*(\d+)\s*(?:\((.*)\))?\s*(?:,\s*ID\s*-\s*{_ID})?",
+    rf"ERROR\s*=\s*(\d{{1,12}})\s*(?:\((.*)\))?\s*(?:,\s*ID\s*-\s*{_ID})?",
     re.IGNORECASE,
 )
+# A description goes into logs and result events: whatever a reply holds, at most this
+# many characters of it, control characters blanked.
+DESCRIPTION_LIMIT = 200
+_BLANKED = frozenset({"Cc", "Zl", "Zp"})  # control characters, line breaks
+
+
+def _description(text: str) -> str:
+    text = "".join(" " if unicodedata.category(c) in _BLANKED else c for c in text).strip()
+    if len(text) > DESCRIPTION_LIMIT:
+        text = text[: DESCRIPTION_LIMIT - 1] + "…"
+    return text
+
+
 _QUOTE_MARKS = "\"'`«»“”„"
 
 
@@ -133,7 +148,7 @@ def parse_reply(body: str) -> Reply:
                 GatewayError(number) if number in GatewayError._value2member_map_ else number
             )
             return Rejected(
-                error=known, description=(error.group(2) or "").strip(), mail_id=error.group(3)
+                error=known, description=_description(error.group(2) or ""), mail_id=error.group(3)
             )
     raise UnreadableReply("no 'OK - n SMS, ID - id' or 'ERROR = N (...)' line in the reply")
 
