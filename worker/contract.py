@@ -305,19 +305,36 @@ class ResultEvent(BaseModel):
         *,
         attempt: int = 1,
         source: str = "",
-        **fields: Any,
+        gateway_id: str | None = None,
+        recipients: list[str] | None = None,
+        sms_parts: int | None = None,
+        sms_count: int | None = None,
+        error: ErrorInfo | None = None,
+        retry_at: datetime | None = None,
+        timestamp: datetime | None = None,
+        metadata: dict[str, MetadataValue] | None = None,
     ) -> ResultEvent:
         """An event with a stable id: the same outcome of the same attempt gets the same id.
-        `source` tells apart events that have no request id (the AMQP message id)."""
-        gateway_id = fields.get("gateway_id")
+        `source` tells apart events that have no request id (the AMQP message id).
+
+        Every field is a typed parameter (mypy --strict checks each call, and a misspelled
+        name is a TypeError), so nothing outside the schema can be published: the event is
+        built with `model_construct`, without validating it again, because its values come
+        from requests the worker has validated already and events are published by the
+        thousand."""
         name = f"{request_id}|{status.value}|{attempt}|{gateway_id}|{source}"
-        # Built from values the worker has already validated; events are published by the
-        # thousand, and validating them again would cost a fair share of the hot path.
         return cls.model_construct(
+            schema_version=SCHEMA_VERSION,
             event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, name)),
             request_id=request_id,
             status=status,
+            gateway_id=gateway_id,
+            recipients=[] if recipients is None else recipients,
+            sms_parts=sms_parts,
+            sms_count=sms_count,
+            error=error,
             attempt=attempt,
-            timestamp=fields.pop("timestamp", None) or datetime.now(UTC),
-            **fields,
+            retry_at=retry_at,
+            timestamp=timestamp or datetime.now(UTC),
+            metadata={} if metadata is None else metadata,
         )
