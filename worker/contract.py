@@ -56,8 +56,9 @@ def largest_request_bytes() -> int:
     return recipients + strings + metadata + rest
 
 
-# Lone JSON surrogates (`"\ud800"`) never reach the models from a body: the JSON parser
-# refuses them (`not_json`). A model built in Python is checked here as well.
+# Lone surrogates (`"\ud800"`) in a body are refused by the JSON parser (`not_json`). From
+# Python, pydantic refuses them in some str fields (string_unicode) but not in all (an
+# unconstrained str such as `text`): the validators below refuse them everywhere.
 _SURROGATES = range(0xD800, 0xE000)
 
 Channel = Literal[
