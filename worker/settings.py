@@ -61,7 +61,7 @@ class GatewaySettings(_Group):
     password: SecretStr = Field(
         SecretStr("demo"), description="account password; with an empty login, the API key"
     )
-    charset: Charset = Field("koi8-r", description="body charset")
+    charset: Charset = "koi8-r"
     text_tags: bool = Field(False, description="wrap the body in [text]...[/text]")
     default_region: str = Field("RU", description="region for numbers given without +")
     default_sender: str = ""
