@@ -109,3 +109,25 @@ def test_an_e_mail_address_default_sender_never_reaches_a_non_email_channel() ->
     assert sender_of(request("sms"), gateway) == ""
     assert sender_of(request(None), gateway) == ""
     assert sender_of(request("email"), gateway) == "me@shop.example"
+
+
+# the gateway charset: one of a fixed list, checked at start-up ---------------------------
+
+
+@pytest.mark.parametrize("name", ["latin-1", "no-such-charset", "utf-16"])
+def test_an_unknown_charset_stops_startup_naming_the_variable(tmp_path: Path, name: str) -> None:
+    done = smsc_worker_config(tmp_path, SMSC_GATEWAY__CHARSET=name)
+    assert done.returncode == 2, done.stdout
+    assert "SMSC_GATEWAY__CHARSET" in done.stderr
+    assert "'koi8-r', 'utf-8' or 'cp1251'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "LookupError" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "charset"), [("koi8-r", "koi8-r"), ("UTF-8", "utf-8"), ("cp1251", "cp1251")]
+)
+def test_a_listed_charset_starts(tmp_path: Path, name: str, charset: str) -> None:
+    done = smsc_worker_config(tmp_path, SMSC_GATEWAY__CHARSET=name)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["gateway"]["charset"] == charset

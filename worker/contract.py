@@ -7,6 +7,7 @@ Changing a field is a contract change: bump `SCHEMA_VERSION` when it is not addi
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -18,13 +19,47 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+from worker.protocol.fields import MAX_TEXT_CHARS, hides_reserved_prefix
 
 SCHEMA_VERSION: Literal[1] = 1
 MAX_METADATA_KEYS = 16
 MAX_RECIPIENTS = 1000
+# Every bound below is stated in the JSON Schema (schemas/) as well as enforced here.
+MAX_RECIPIENT_CHARS = 254  # the longest e-mail address; phones, G<n> and #ids are shorter
+MAX_SENDER_CHARS = 254  # the email channel's sender is an address; names: 11 (or 15 digits)
+MAX_SUBJECT_CHARS = 255  # one `subj:` option line of the e-mail body
+MAX_VOICE_CHARS = 32  # a voice name (m, w, m2, ...)
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 256
+
+
+def largest_request_bytes() -> int:
+    """The longest JSON body a valid request can have: every field at its bound. A valid
+    recipient is printable ASCII (a phone, G<n>, an address, a #id), counted with its
+    quotes, comma and a pretty-printer's line and indent; every other string counts each
+    character as the longest escape there is (`\\uXXXX\\uXXXX`, 12 bytes, for one
+    character outside the BMP)."""
+    escaped = 12
+    recipients = MAX_RECIPIENTS * (MAX_RECIPIENT_CHARS + 16)
+    strings = (MAX_TEXT_CHARS + MAX_SENDER_CHARS + MAX_SUBJECT_CHARS + MAX_VOICE_CHARS) * escaped
+    metadata = MAX_METADATA_KEYS * (
+        (MAX_METADATA_KEY_CHARS + MAX_METADATA_VALUE_CHARS) * escaped + 16
+    )
+    # request_id, the field names, punctuation, dates, window, channel and the rest.
+    rest = 4096
+    return recipients + strings + metadata + rest
+
+
+# Lone surrogates (`"\ud800"`) in a body are refused by the JSON parser (`not_json`). From
+# Python, pydantic refuses them in some str fields (string_unicode) but not in all (an
+# unconstrained str such as `text`): the validators below refuse them everywhere.
+_SURROGATES = range(0xD800, 0xE000)
 
 Channel = Literal[
     "sms",
@@ -45,6 +80,48 @@ MetadataValue = str | int | float | bool | None
 RequestId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
 ]
+MetadataKey = Annotated[str, StringConstraints(max_length=MAX_METADATA_KEY_CHARS)]
+RequestMetadataValue = (
+    Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_CHARS)]
+    | int
+    | float
+    | bool
+    | None
+)
+Recipient = Annotated[str, StringConstraints(min_length=1, max_length=MAX_RECIPIENT_CHARS)]
+
+# Error types raised by the validators below; `worker.fate.read_request` reports them as
+# the rejection's code.
+CONTROL_CHARACTER = "control_character"
+RESERVED_PREFIX = "reserved_prefix"
+INVALID_UNICODE = "invalid_unicode"
+TEXT_TOO_LONG = "text_too_long"
+
+
+def check_characters(field: str, value: str, *, newline: bool = False) -> str:
+    """Refuse C0/C1 control characters (category Cc: U+0000-U+001F, U+007F-U+009F; the
+    newline only where `newline` allows it) and lone surrogates, as a pydantic error whose
+    type is the rejection's code."""
+    for c in value:
+        if unicodedata.category(c) == "Cc" and not (newline and c == "\n"):
+            raise PydanticCustomError(
+                CONTROL_CHARACTER,
+                "{field} contains the control character {code}",
+                {"field": field, "code": f"U+{ord(c):04X}"},
+            )
+        if ord(c) in _SURROGATES:
+            raise PydanticCustomError(
+                INVALID_UNICODE,
+                "{field} contains a lone surrogate (broken UTF-16), which no charset can carry",
+                {"field": field},
+            )
+    return value
+
+
+def _checked_text(value: str) -> str:
+    if value.isascii() and value.isprintable():
+        return value  # the common case, checked at C speed
+    return check_characters("text", value, newline=True)
 
 
 class HourWindow(BaseModel):
@@ -70,28 +147,45 @@ class SendRequest(BaseModel):
     request_id: RequestId = Field(
         description="The caller's idempotency key; echoed in every result event."
     )
-    to: list[str] = Field(
+    to: list[Recipient] = Field(
         min_length=1,
         max_length=MAX_RECIPIENTS,
         description="Phone numbers (+ means 'do not auto-correct'), G<n> groups, "
         "e-mail addresses (email channel) or #ids (messenger channels).",
     )
-    text: str = Field(description="At most 1000 characters; newlines are kept.")
+    # The length is checked by the validator (code `text_too_long`, after \r\n became
+    # \n) and stated in the schema here.
+    text: str = Field(
+        description="At most 1000 characters; newlines are kept; no other control "
+        "characters; must not begin with a channel prefix (__VIBER__: ...).",
+        json_schema_extra={"maxLength": MAX_TEXT_CHARS},
+    )
     channel: Channel | None = Field(
         None, description="The gateway's message format by name; the worker's default if absent."
     )
-    sender: str | None = Field(None, description="A sender name registered with the account.")
+    sender: str | None = Field(
+        None,
+        max_length=MAX_SENDER_CHARS,
+        description="A sender name registered with the account (at most 11 characters or "
+        "15 digits), or the sender's e-mail address on the email channel.",
+    )
     translit: Literal["off", "translit", "mpahc"] | None = None
     send_at: AwareDatetime | None = Field(None, description="Deliver at this moment.")
     window: HourWindow | None = Field(None, description="Deliver only within these hours.")
     tz: int | None = Field(None, ge=-12, le=12, description="Hours relative to Moscow for window.")
-    subject: str | None = Field(None, description="Subject line, email channel only.")
-    voice: str | None = Field(None, description="Voice name, voice channel only.")
+    subject: str | None = Field(
+        None, max_length=MAX_SUBJECT_CHARS, description="Subject line, email channel only."
+    )
+    voice: str | None = Field(
+        None, max_length=MAX_VOICE_CHARS, description="Voice name, voice channel only."
+    )
     expires_at: AwareDatetime | None = Field(
         None, description="Not sent at all after this moment: rejected as expired."
     )
-    metadata: dict[str, MetadataValue] = Field(
-        default_factory=dict, description="Small object echoed back in every result event."
+    metadata: dict[MetadataKey, RequestMetadataValue] = Field(
+        default_factory=dict,
+        max_length=MAX_METADATA_KEYS,
+        description="Small object echoed back in every result event.",
     )
 
     @field_validator("to", mode="before")
@@ -101,14 +195,46 @@ class SendRequest(BaseModel):
 
     @field_validator("text")
     @classmethod
-    def _normalise_newlines(cls, value: str) -> str:
-        return value.replace("\r\n", "\n").replace("\r", "\n")
+    def _text(cls, value: str) -> str:
+        value = value.replace("\r\n", "\n").replace("\r", "\n")
+        if len(value) > MAX_TEXT_CHARS:
+            raise PydanticCustomError(
+                TEXT_TOO_LONG,
+                "text is {length} characters; the gateway takes at most {limit}",
+                {"length": len(value), "limit": MAX_TEXT_CHARS},
+            )
+        _checked_text(value)
+        if hides_reserved_prefix(value):
+            raise PydanticCustomError(
+                RESERVED_PREFIX,
+                "text begins with a prefix the gateway reserves for switching channels "
+                "(__CALL__:, __VIBER__:, __SOC__:, __MAIL__:, __BOT__:, __PING__, __HLR__), "
+                "perhaps behind blanks or invisible format characters",
+            )
+        return value
+
+    @field_validator("to")
+    @classmethod
+    def _recipients(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not (item.isascii() and item.isprintable()):
+                check_characters("to", item)
+        return value
+
+    @field_validator("sender", "subject", "voice")
+    @classmethod
+    def _one_line(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not (value.isascii() and value.isprintable()):
+            check_characters(info.field_name or "field", value)
+        return value
 
     @field_validator("metadata")
     @classmethod
-    def _small_metadata(cls, value: dict[str, MetadataValue]) -> dict[str, MetadataValue]:
-        if len(value) > MAX_METADATA_KEYS:
-            raise ValueError(f"metadata has more than {MAX_METADATA_KEYS} keys")
+    def _metadata(cls, value: dict[str, MetadataValue]) -> dict[str, MetadataValue]:
+        for key, item in value.items():
+            check_characters("metadata key", key)
+            if isinstance(item, str):
+                check_characters("metadata value", item)
         return value
 
     @model_validator(mode="after")
@@ -180,19 +306,36 @@ class ResultEvent(BaseModel):
         *,
         attempt: int = 1,
         source: str = "",
-        **fields: Any,
+        gateway_id: str | None = None,
+        recipients: list[str] | None = None,
+        sms_parts: int | None = None,
+        sms_count: int | None = None,
+        error: ErrorInfo | None = None,
+        retry_at: datetime | None = None,
+        timestamp: datetime | None = None,
+        metadata: dict[str, MetadataValue] | None = None,
     ) -> ResultEvent:
         """An event with a stable id: the same outcome of the same attempt gets the same id.
-        `source` tells apart events that have no request id (the AMQP message id)."""
-        gateway_id = fields.get("gateway_id")
+        `source` tells apart events that have no request id (the AMQP message id).
+
+        Every field is a typed parameter (mypy --strict checks each call, and a misspelled
+        name is a TypeError), so nothing outside the schema can be published: the event is
+        built with `model_construct`, without validating it again, because its values come
+        from requests the worker has validated already and events are published by the
+        thousand."""
         name = f"{request_id}|{status.value}|{attempt}|{gateway_id}|{source}"
-        # Built from values the worker has already validated; events are published by the
-        # thousand, and validating them again would cost a fair share of the hot path.
         return cls.model_construct(
+            schema_version=SCHEMA_VERSION,
             event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, name)),
             request_id=request_id,
             status=status,
+            gateway_id=gateway_id,
+            recipients=[] if recipients is None else recipients,
+            sms_parts=sms_parts,
+            sms_count=sms_count,
+            error=error,
             attempt=attempt,
-            timestamp=fields.pop("timestamp", None) or datetime.now(UTC),
-            **fields,
+            retry_at=retry_at,
+            timestamp=timestamp or datetime.now(UTC),
+            metadata={} if metadata is None else metadata,
         )

@@ -17,7 +17,15 @@ from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
-from worker.contract import MetadataValue, SendRequest, Status
+from worker.contract import (
+    CONTROL_CHARACTER,
+    INVALID_UNICODE,
+    RESERVED_PREFIX,
+    TEXT_TOO_LONG,
+    MetadataValue,
+    SendRequest,
+    Status,
+)
 from worker.delivery import Delivery, RequestCopy
 from worker.ledger import CarriedRequest, Verdict, VerdictKind
 from worker.protocol.replies import Action, Rejected
@@ -159,18 +167,29 @@ Fate = Reject | Later | Fail | Submitted | Accepted | Replay | Unknown | Requeue
 # reading a delivery ---------------------------------------------------------------------
 
 
+# Validation errors reported under a code of their own rather than `invalid_schema`, in
+# this order of precedence (the contract's validators raise them by these names).
+_OWN_CODES = (CONTROL_CHARACTER, INVALID_UNICODE, RESERVED_PREFIX, TEXT_TOO_LONG)
+
+
 def read_request(body: bytes) -> SendRequest | Reject:
     """The request in a body, or why there is none. Hostile bodies raise more than
-    ValidationError (RecursionError from deep nesting): none of it escapes."""
+    ValidationError (RecursionError from deep nesting): none of it escapes, and the
+    reason is plain printable text (no lone surrogate from the body)."""
     try:
         return SendRequest.model_validate_json(body)
     except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors
         )
-        json_invalid = any(e["type"] == "json_invalid" for e in exc.errors())
-        return Reject("not_json" if json_invalid else "invalid_schema", problems[:1000])
-    except (RecursionError, ValueError, UnicodeError) as exc:
+        reason = problems[:1000].encode("utf-8", "backslashreplace").decode()
+        types = {e["type"] for e in errors}
+        if "json_invalid" in types:
+            return Reject("not_json", reason)
+        code = next((c for c in _OWN_CODES if c in types), "invalid_schema")
+        return Reject(code, reason)
+    except (RecursionError, ValueError, UnicodeError, MemoryError) as exc:
         return Reject("not_json", f"unreadable body: {type(exc).__name__}")
 
 

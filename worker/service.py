@@ -423,8 +423,32 @@ class Service:
 
     def _read(self, delivery: Delivery) -> Arrival:
         """Everything about a delivery that needs no I/O: its headers, its request, and
-        what the gateway needs. Any failure is a rejection with a reason."""
+        what the gateway needs. Any failure is a rejection with a reason, never an
+        exception (one escaping here would leave the delivery unsettled)."""
+        try:
+            return self._read_delivery(delivery)
+        except Exception as exc:
+            log.exception("a delivery could not be read")
+            return Arrival(
+                delivery,
+                Subject(delivery, None, delivery.copy),
+                Reject("unprocessable", f"could not be read: {type(exc).__name__}"),
+            )
+
+    def _read_delivery(self, delivery: Delivery) -> Arrival:
         plain = Subject(delivery, None, delivery.copy)
+        limit = self.settings.amqp.max_body_bytes
+        if len(delivery.body) > limit:
+            # Not parsed at all, not even for its request id: the size alone decides.
+            return Arrival(
+                delivery,
+                plain,
+                Reject(
+                    "too_large",
+                    f"body is {len(delivery.body)} bytes; a request takes at most {limit} "
+                    "(SMSC_AMQP__MAX_BODY_BYTES)",
+                ),
+            )
         try:
             provenance = self.signer.read(delivery.body, delivery.headers)
         except ForgedHeaders as exc:

@@ -16,6 +16,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from worker.contract import largest_request_bytes
 from worker.protocol.fields import Format, check_login, check_password, check_sender
 from worker.protocol.mail import Envelope
 
@@ -26,6 +27,14 @@ DEFAULT_SECRETS_DIR = "/run/secrets/smsc-worker"
 
 class _Group(BaseModel):
     model_config = {"frozen": True, "extra": "forbid"}
+
+
+# The body charsets the gateway reads (a fixed list, checked at start-up: an unknown name
+# stops the worker with a message naming SMSC_GATEWAY__CHARSET).
+Charset = Literal["koi8-r", "utf-8", "cp1251"]
+_MIB = 1024 * 1024
+# Twice the longest valid request, rounded up to whole MiB (1 MiB with today's bounds).
+DEFAULT_MAX_BODY_BYTES = -(-2 * largest_request_bytes() // _MIB) * _MIB
 
 
 class AmqpSettings(_Group):
@@ -39,6 +48,11 @@ class AmqpSettings(_Group):
     delivery_limit: int = Field(10, ge=1, description="redeliveries before dead-lettering")
     prefetch: int = Field(2000, ge=1, description="unacked requests the worker may hold")
     publish_timeout_s: float = Field(10.0, gt=0, description="deadline for a publish confirm")
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES,
+        ge=1024,
+        description="a request body longer than this is rejected (too_large) unread",
+    )
 
 
 class GatewaySettings(_Group):
@@ -47,7 +61,7 @@ class GatewaySettings(_Group):
     password: SecretStr = Field(
         SecretStr("demo"), description="account password; with an empty login, the API key"
     )
-    charset: str = "koi8-r"
+    charset: Charset = "koi8-r"
     text_tags: bool = Field(False, description="wrap the body in [text]...[/text]")
     default_region: str = Field("RU", description="region for numbers given without +")
     default_sender: str = ""
@@ -91,11 +105,10 @@ class GatewaySettings(_Group):
                 ) from None
         return value
 
-    @field_validator("charset")
+    @field_validator("charset", mode="before")
     @classmethod
-    def _charset(cls, value: str) -> str:
-        "".encode(value)
-        return value
+    def _charset(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
 
 class SmtpSettings(_Group):

@@ -278,10 +278,8 @@ class Settler:
 
     @staticmethod
     def _event(subject: Subject, fate: Fate, now: float) -> ResultEvent | None:
-        common: dict[str, Any] = {
-            "recipients": list(subject.recipients),
-            "metadata": dict(subject.metadata),
-        }
+        recipients = list(subject.recipients)
+        metadata = dict(subject.metadata)
         rid = subject.request_id
         if isinstance(fate, Reject):
             # An unreadable request is told apart by its delivery (message id or body).
@@ -293,7 +291,8 @@ class Settler:
                 Status.rejected,
                 source=source,
                 error=error_info(fate.code, fate.reason, False),
-                **common,
+                recipients=recipients,
+                metadata=metadata,
             )
         if isinstance(fate, Later):
             if fate.status is None:
@@ -308,7 +307,8 @@ class Settler:
                 gateway_id=fate.mail_id,
                 error=error_info(fate.code, fate.reason, True, fate.gateway_error),
                 retry_at=datetime.fromtimestamp(now + fate.wait, UTC),
-                **common,
+                recipients=recipients,
+                metadata=metadata,
             )
         if isinstance(fate, Fail):
             return ResultEvent.create(
@@ -318,7 +318,8 @@ class Settler:
                 source=fate.code,
                 gateway_id=fate.mail_id,
                 error=error_info(fate.code, fate.reason, False, fate.gateway_error),
-                **common,
+                recipients=recipients,
+                metadata=metadata,
             )
         if isinstance(fate, Submitted | Accepted):
             unknown = isinstance(fate, Submitted) and fate.unknown
@@ -342,7 +343,8 @@ class Settler:
                 sms_parts=parts,
                 sms_count=None if parts is None else parts * len(subject.recipients),
                 error=error,
-                **common,
+                recipients=recipients,
+                metadata=metadata,
             )
         if isinstance(fate, Unknown):
             return ResultEvent.create(
@@ -352,7 +354,8 @@ class Settler:
                 source=fate.code,
                 gateway_id=fate.mail_id,
                 error=error_info(fate.code, fate.reason, False),
-                **common,
+                recipients=recipients,
+                metadata=metadata,
             )
         return None
 

@@ -8,6 +8,7 @@ line at the gateway, so nothing a caller writes may carry one.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
@@ -44,6 +45,22 @@ _MIN_UNIX_TIME = 1_000_000_000
 def _has_surrogate(value: str) -> bool:
     """Lone surrogates cannot be written in any charset, so the e-mail could not carry them."""
     return any("\ud800" <= c <= "\udfff" for c in value)
+
+
+def hides_reserved_prefix(text: str) -> bool:
+    """Whether the gateway could read the text as starting with a channel prefix: in any
+    case, after leading blanks, control characters and format characters.
+
+    Format characters (category Cf: BOM U+FEFF, zero-width space U+200B, bidi marks, ...)
+    are left out before looking, wherever they stand, as are control characters (which
+    the contract refuses anyway): software on the way may drop them, so a BOM in front of
+    `__VIBER__:` must not let it pass for plain text. Cf characters are not refused
+    everywhere: ZWJ/ZWNJ and the bidi marks belong to ordinary texts (emoji sequences,
+    Persian, Arabic, Hebrew), and anywhere but around a prefix they are harmless."""
+    probe = text
+    if not probe.isascii() or not probe.isprintable():
+        probe = "".join(c for c in text if unicodedata.category(c) not in ("Cf", "Cc"))
+    return probe.lstrip().upper().startswith(RESERVED_PREFIXES + RESERVED_TEXTS)
 
 
 def _has_text_tag(value: str) -> bool:
@@ -198,10 +215,10 @@ def check_text(text: str) -> str:
             f"text is {len(text)} characters; the gateway takes at most {MAX_TEXT_CHARS}",
             code="text_too_long",
         )
-    # Read as widely as the gateway might: any case, after leading blanks, and __PING__ /
-    # __HLR__ followed by anything. Rejecting a few odd texts is cheaper than a wrong channel.
-    probe = text.lstrip().upper()
-    if probe.startswith(RESERVED_PREFIXES + RESERVED_TEXTS):
+    # Read as widely as the gateway might: any case, after leading blanks and format
+    # characters, and __PING__ / __HLR__ followed by anything. Rejecting a few odd texts is
+    # cheaper than a wrong channel.
+    if hides_reserved_prefix(text):
         raise InvalidRequest(
             "text begins with a prefix the gateway reserves for switching channels "
             "(__CALL__:, __VIBER__:, __SOC__:, __MAIL__:, __BOT__:, __PING__, __HLR__)",
