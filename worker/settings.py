@@ -120,11 +120,60 @@ class ReplySettings(_Group):
     timeout_s: float = Field(
         900.0, gt=0, description="how long to wait for the gateway's reply to an e-mail"
     )
+    token_key: SecretStr = Field(
+        SecretStr(""),
+        description="signs the token in every reply address; empty: derived from the "
+        "gateway password",
+    )
+    token_keys_old: SecretStr = Field(
+        SecretStr(""),
+        description="previous token keys, comma-separated: still accepted on replies, "
+        "never used for new e-mails",
+    )
+    allowed_networks: str = Field(
+        "",
+        description="CIDRs, comma-separated, that may connect to the reply receiver; empty: any",
+    )
+    allowed_senders: str = Field(
+        "",
+        description="envelope senders (addresses or @domains, comma-separated) the reply "
+        "receiver takes mail from; empty: any",
+    )
 
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
+        from worker.reply_receiver import ADDRESS_OVERHEAD, LOCAL_PART_MAX, local_part_room
+
         Envelope(mail_from=value)
+        if local_part_room(value) < 0:
+            raise ValueError(
+                f"{ENV_PREFIX}REPLY__ADDRESS: its local part is too long: a reply address "
+                f"adds {ADDRESS_OVERHEAD} octets (+<mail id>.<token>) and a local part may "
+                f"have {LOCAL_PART_MAX}, so at most {LOCAL_PART_MAX - ADDRESS_OVERHEAD} are left"
+            )
+        return value
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        from worker.reply_receiver import parse_networks
+
+        try:
+            parse_networks(value)
+        except ValueError as exc:
+            raise ValueError(f"{ENV_PREFIX}REPLY__ALLOWED_NETWORKS: {exc}") from None
+        return value
+
+    @field_validator("allowed_senders")
+    @classmethod
+    def _senders(cls, value: str) -> str:
+        from worker.reply_receiver import parse_senders
+
+        try:
+            parse_senders(value)
+        except ValueError as exc:
+            raise ValueError(f"{ENV_PREFIX}REPLY__ALLOWED_SENDERS: {exc}") from None
         return value
 
 
