@@ -236,6 +236,11 @@ class Service:
         await self.store.start()
         self.telemetry.metrics.state_up.set(1)
         self._smtp = GatewaySmtp(s.smtp)
+        if not s.reply.token_key.get_secret_value():
+            log.warning(
+                "SMSC_REPLY__TOKEN_KEY is empty: the key of the reply address tokens is "
+                "derived from the gateway password (set a key of its own to rotate it apart)"
+            )
         handler = ReplyHandler(
             self.reply_addresses,
             self.on_reply,

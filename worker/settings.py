@@ -115,7 +115,8 @@ class ReplySettings(_Group):
     port: int = Field(2525, ge=0, le=65535)
     address: str = Field(
         "smsc-replies@localhost",
-        description="From of every e-mail; replies come back to local+<mail id>@domain",
+        description="From of every e-mail (its local part at most 14 octets); replies come "
+        "back to local+<mail id>.<token>@domain",
     )
     timeout_s: float = Field(
         900.0, gt=0, description="how long to wait for the gateway's reply to an e-mail"
