@@ -16,12 +16,14 @@ import aiosmtplib
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from tests.conftest import Broker, Results, collecting, gateway_and_worker, phone
+from tests.conftest import Broker, Results, collecting, gateway_and_worker, make_settings, phone
 from worker.contract import Status
+from worker.emulator.config import EmulatorConfig
 from worker.emulator.relay import build_reply
+from worker.emulator.server import Emulator
 from worker.reply_receiver import LOCAL_PART_MAX, ReplyAddresses
 from worker.service import Service
-from worker.settings import AmqpSettings, GatewaySettings, ReplySettings
+from worker.settings import AmqpSettings, GatewaySettings, ReplySettings, StateSettings
 
 GATEWAY = "send@send.smscentre.com"
 BASE = "replies@worker.test"  # the tests' reply address (tests/conftest.py)
@@ -188,6 +190,29 @@ async def test_an_old_key_still_verifies_after_rotation(amqp: AmqpSettings) -> N
         assert refused(service, "token") == 1
 
 
+async def test_replies_to_e_mails_sent_before_a_rotation_still_count(
+    amqp: AmqpSettings, shared_state: StateSettings
+) -> None:
+    """One worker sends with the old key and stops; the next, with a new key and the old one
+    listed as old, takes the gateway's reply to that e-mail (the record is in Redis)."""
+    before = {"token_key": SecretStr("key-2025")}
+    after = {"token_key": SecretStr("key-2026"), "token_keys_old": SecretStr("key-2025")}
+    async with (
+        collecting(amqp) as (broker, results),
+        Emulator(EmulatorConfig(reply_relay=None)) as emulator,
+    ):
+        settings = make_settings(amqp, 0, emulator.port, before, state=shared_state)
+        async with Service(settings) as service:
+            mail_id = await submitted_mail(broker, results, "rot-2", 1)
+        (mail,) = emulator.mails
+        settings = make_settings(amqp, 0, emulator.port, after, state=shared_state)
+        async with Service(settings) as service:
+            assert service.reply_addresses.address(mail_id) != mail.envelope_from
+            await send_reply(service.reply_port, mail.envelope_from, f"OK - 1 SMS, ID - {mail_id}")
+            await results.wait_until(lambda: Status.accepted in results.statuses("rot-2"))
+            assert refused(service, "token") == 0
+
+
 async def test_a_disallowed_peer_is_refused_at_connect(amqp: AmqpSettings) -> None:
     """The emulator's replies come from 127.0.0.1, outside the allowed network."""
     async with (
@@ -307,7 +332,7 @@ def test_token_keys_are_secrets_read_from_the_secrets_directory(tmp_path: Path) 
 
 
 def test_without_a_token_key_one_is_derived_from_the_gateway_password() -> None:
-    from tests.conftest import make_settings, unique_amqp
+    from tests.conftest import unique_amqp
     from worker.service import reply_token_keys
 
     def keys(password: str, **reply: object) -> tuple[bytes, list[bytes]]:
