@@ -34,6 +34,7 @@ OLDEST_KUBE = CHART_YAML["kubeVersion"].removeprefix(">=").removesuffix("-0").st
 KUBE_VERSIONS = (OLDEST_KUBE, latest_version())
 SECRET_FILES = {
     "SMSC_AMQP__URL", "SMSC_GATEWAY__PASSWORD", "SMSC_SMTP__PASSWORD", "SMSC_STATE__URL",
+    "SMSC_REPLY__TOKEN_KEY", "SMSC_REPLY__TOKEN_KEYS_OLD",
 }  # fmt: skip
 
 # The required secrets alone: enough for one replica, which may keep its state in memory.
@@ -88,6 +89,8 @@ secrets:
   gatewayPassword: api-key
   smtpPassword: smtp-pass
   stateUrl: rediss://worker:r3dis-pass@redis.example.net:6380/2
+  replyTokenKey: t0ken-key-2026
+  replyTokenKeysOld: t0ken-key-2024,t0ken-key-2025
 image:
   repository: registry.example.net/smsc-worker
   digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
@@ -118,11 +121,18 @@ settings:
     health_port: 8081
     metrics_port: 9200
     drain_timeout_s: 90.5
+  reply:
+    address: sms@replies.example.net
+    allowed_networks: 203.0.113.0/24,2001:db8::/32
+    allowed_senders: "@send.smscentre.com"
 preStopSleepSeconds: 0
 replyService:
   type: LoadBalancer
   loadBalancerSourceRanges: [203.0.113.0/24]
-  externalTrafficPolicy: Local
+networkPolicy:
+  enabled: true
+  replySources: [203.0.113.0/24, 2001:db8::/32]
+  metricsSources: [10.0.0.0/8]
 podDisruptionBudget:
   minAvailable: 50%
   maxUnavailable: null
@@ -286,13 +296,14 @@ def test_manifests_match_kubernetes_schemas(
         ("hpa", {"HorizontalPodAutoscaler"}),
         ("existing-secret", {"ScaledObject", "TriggerAuthentication"}),
         ("service-monitor", {"ServiceMonitor"}),
+        ("options", {"NetworkPolicy"}),
     ],
 )
 def test_optional_resources_follow_their_switches(
     chart: helm.Chart, value_set: str, expected: set[str]
 ) -> None:
     optional = {"ScaledObject", "TriggerAuthentication", "HorizontalPodAutoscaler"}
-    optional |= {"ServiceMonitor"}
+    optional |= {"ServiceMonitor", "NetworkPolicy"}
     docs = render(chart, VALUE_SETS[value_set])
     assert kinds(docs) & optional == expected
     assert {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget"} <= kinds(docs)
@@ -329,6 +340,9 @@ def test_unknown_values_are_rejected(chart: helm.Chart, typo: str) -> None:
         "serviceMonitor:\n  interval: 30",
         "podDisruptionBudget:\n  maxUnavailable: one",
         "replyService:\n  type: Ingress",
+        "replyService:\n  loadBalancerSourceRanges: [203.0.113.1]",
+        "networkPolicy:\n  replySources: [gateway.example.com]",
+        "networkPolicy:\n  enabled: 'true'",
         "secrets:\n  stateUrl: 6379",
         # Scaling to zero would leave no receiver for the gateway's replies.
         "autoscaling:\n  keda:\n    minReplicaCount: 0",
@@ -352,6 +366,10 @@ def test_hpa_and_keda_together_are_rejected(chart: helm.Chart) -> None:
         ("secrets:\n  amqpUrl: amqp://x", "secrets.gatewayPassword is required"),
         (CREDENTIALS + "podDisruptionBudget:\n  minAvailable: 1", "not both"),
         (CREDENTIALS + "preStopSleepSeconds: 15", "shorter than terminationGraceExtraSeconds"),
+        (
+            CREDENTIALS + "networkPolicy:\n  enabled: true",
+            "networkPolicy.replySources is empty",
+        ),
     ],
 )
 def test_inconsistent_values_fail_the_render(chart: helm.Chart, values: str, message: str) -> None:
@@ -470,7 +488,7 @@ def test_secrets_reach_the_pod_only_as_files(chart: helm.Chart, value_set: str) 
     assert all("secretRef" not in source for source in main["envFrom"])
     assert all("valueFrom" not in variable for variable in main["env"])
     assert not SECRET_FILES & set(one(docs, "ConfigMap")["data"])
-    for secret in ("s3cret", "gateway-pass", "api-key", "smtp-pass", "r3dis-pass"):
+    for secret in ("s3cret", "gateway-pass", "api-key", "smtp-pass", "r3dis-pass", "t0ken-key"):
         assert secret not in json.dumps(one(docs, "ConfigMap"))
     secrets_dir = next(v["value"] for v in main["env"] if v["name"] == "SMSC_SECRETS_DIR")
     volume = secret_volume(docs)
@@ -564,6 +582,10 @@ def test_rendered_configuration_loads_in_the_worker(
     assert settings.amqp.prefetch == 1_000_000
     assert settings.observability.drain_timeout_s == 90.5
     assert int(settings.default_channel) == 1
+    assert settings.reply.token_key.get_secret_value() == "t0ken-key-2026"
+    assert settings.reply.token_keys_old.get_secret_value() == "t0ken-key-2024,t0ken-key-2025"
+    assert settings.reply.allowed_networks == "203.0.113.0/24,2001:db8::/32"
+    assert settings.reply.allowed_senders == "@send.smscentre.com"
 
 
 def _settings_fields() -> dict[str, Any]:
@@ -665,3 +687,35 @@ def test_replies_and_scrapes_reach_pods_that_are_not_ready(chart: helm.Chart) ->
     for suffix in ("reply", "metrics"):
         service = one(docs, "Service", f"{FULLNAME}-{suffix}")
         assert service["spec"]["publishNotReadyAddresses"] is True
+
+
+@pytest.mark.parametrize("kind", ["LoadBalancer", "NodePort"])
+def test_the_reply_service_keeps_the_client_address(chart: helm.Chart, kind: str) -> None:
+    """The receiver's and a NetworkPolicy's allow-lists look at the client's address: the
+    reply Service must not replace it with a node's (externalTrafficPolicy Cluster)."""
+    values = CREDENTIALS + f"replyService:\n  type: {kind}\n"
+    values += "  loadBalancerSourceRanges: [203.0.113.0/24, 198.51.100.7/32]\n"
+    spec = one(render(chart, values), "Service", f"{FULLNAME}-reply")["spec"]
+    assert spec["externalTrafficPolicy"] == "Local"
+    if kind == "LoadBalancer":
+        assert spec["loadBalancerSourceRanges"] == ["203.0.113.0/24", "198.51.100.7/32"]
+    else:
+        assert "loadBalancerSourceRanges" not in spec
+
+
+def test_the_network_policy_opens_the_reply_port_to_the_sources_only(chart: helm.Chart) -> None:
+    docs = render(chart, VALUE_SETS["options"])
+    policy = one(docs, "NetworkPolicy")["spec"]
+    assert policy["podSelector"] == one(docs, "Deployment")["spec"]["selector"]
+    assert policy["policyTypes"] == ["Ingress"]
+    by_port = {rule["ports"][0]["port"]: rule for rule in policy["ingress"]}
+    assert all(len(rule["ports"]) == 1 for rule in policy["ingress"])
+    assert set(by_port) == {"smtp", "health", "metrics"}
+    assert by_port["smtp"]["from"] == [
+        {"ipBlock": {"cidr": "203.0.113.0/24"}},
+        {"ipBlock": {"cidr": "2001:db8::/32"}},
+    ]
+    assert "from" not in by_port["health"]  # the kubelet's probes
+    assert by_port["metrics"]["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    ports = {p["name"] for p in container(docs)["ports"]}
+    assert set(by_port) <= ports

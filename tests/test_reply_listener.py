@@ -19,11 +19,14 @@ from pydantic import ValidationError
 
 from tests.conftest import gateway_and_worker
 from worker.protocol.replies import Rejected, Reply
-from worker.reply_receiver import ReplyHandler, reply_address
+from worker.reply_receiver import ReplyAddresses, ReplyHandler
 from worker.settings import AmqpSettings, ReplySettings
 from worker.smtp_server import ListenerLimits, bound_port, serve_smtp, server_tls_context
 
 BASE = "replies@worker.test"
+ADDRESSES = ReplyAddresses(BASE, b"test reply token key")
+
+
 LIMITS = ListenerLimits(
     max_message_bytes=256 * 1024,
     max_recipients=5,
@@ -37,7 +40,7 @@ LIMITS = ListenerLimits(
 def reply_mail(body: str, mail_id: str = "m1") -> bytes:
     headers = (
         "From: send@send.smscentre.com",
-        f"To: {reply_address(BASE, mail_id)}",
+        f"To: {ADDRESSES.address(mail_id)}",
         "Subject: Re: ",
         "Content-Type: text/plain; charset=utf-8",
     )
@@ -56,7 +59,9 @@ class Replies:
 async def listener(
     replies: Replies, limits: ListenerLimits = LIMITS, **kwargs: Any
 ) -> AsyncIterator[int]:
-    server = await serve_smtp(ReplyHandler(BASE, replies), "127.0.0.1", 0, limits=limits, **kwargs)
+    server = await serve_smtp(
+        ReplyHandler(ADDRESSES, replies), "127.0.0.1", 0, limits=limits, **kwargs
+    )
     try:
         yield bound_port(server)
     finally:
@@ -113,7 +118,7 @@ async def test_a_reply_quoting_a_full_email_is_taken() -> None:
             hostname="127.0.0.1",
             port=port,
             sender="send@send.smscentre.com",
-            recipients=[reply_address(BASE, "m1")],
+            recipients=[ADDRESSES.address("m1")],
             start_tls=False,
         )
     assert [(m, r.error) for m, r in replies.got if isinstance(r, Rejected)] == [("m1", 8)]
@@ -130,7 +135,7 @@ async def test_an_oversized_message_is_refused_before_its_body_is_read() -> None
         declared = await session.command("MAIL FROM:<send@send.smscentre.com> SIZE=20000000")
         assert declared.startswith("552")
         assert (await session.command("MAIL FROM:<send@send.smscentre.com>")).startswith("250")
-        rcpt = await session.command(f"RCPT TO:<{reply_address(BASE, 'm1')}>")
+        rcpt = await session.command(f"RCPT TO:<{ADDRESSES.address('m1')}>")
         assert rcpt.startswith("250")
         assert (await session.command("DATA")).startswith("354")
 
@@ -168,7 +173,7 @@ async def test_too_many_recipients_are_refused() -> None:
         await session.command("EHLO client.test")
         await session.command("MAIL FROM:<send@send.smscentre.com>")
         answers = [
-            await session.command(f"RCPT TO:<{reply_address(BASE, f'm{n}')}>") for n in range(7)
+            await session.command(f"RCPT TO:<{ADDRESSES.address(f'm{n}')}>") for n in range(7)
         ]
         # Refused addresses are not counted: the limit is on recipients taken.
         refused = await session.command("RCPT TO:<someone@elsewhere.test>")
@@ -261,7 +266,7 @@ async def test_a_client_can_starttls_and_deliver_a_reply(tls_files: tuple[str, s
             assert client.get_transport_info("sslcontext") is not None
             await client.sendmail(
                 "send@send.smscentre.com",
-                [reply_address(BASE, "m7")],
+                [ADDRESSES.address("m7")],
                 reply_mail("OK - 1 SMS, ID - m7", "m7"),
             )
         # STARTTLS is offered, not required: a cleartext delivery still goes through.
@@ -270,7 +275,7 @@ async def test_a_client_can_starttls_and_deliver_a_reply(tls_files: tuple[str, s
             hostname="127.0.0.1",
             port=port,
             sender="send@send.smscentre.com",
-            recipients=[reply_address(BASE, "m8")],
+            recipients=[ADDRESSES.address("m8")],
             start_tls=False,
         )
     assert [m for m, _ in replies.got] == ["m7", "m8"]

@@ -110,6 +110,8 @@ def secrets_of(settings: Settings) -> list[str]:
         settings.gateway.password.get_secret_value(),
         settings.smtp.password.get_secret_value(),
         settings.amqp.url.get_secret_value(),
+        settings.reply.token_key.get_secret_value(),
+        *(k.strip() for k in settings.reply.token_keys_old.get_secret_value().split(",")),
     ]
     password = _url_password(settings.amqp.url.get_secret_value())
     if password:

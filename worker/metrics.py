@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from worker.contract import ResultEvent, Status
 from worker.ledger import CircuitView
+from worker.reply_receiver import REFUSAL_REASONS
 
 # Added to every request on receipt (unless a previous attempt did), in epoch milliseconds:
 # retry and deferral copies keep it, so the latencies below run from the first receipt.
@@ -100,6 +101,13 @@ class Metrics:
             ["step"],
             registry=r,
         )
+        self.replies_refused = Counter(
+            "smsc_replies_refused",
+            "Reply e-mails (or connections) refused by the reply receiver, by reason: peer, "
+            "sender, address, token, mail_id_mismatch, ambiguous",
+            ["reason"],
+            registry=r,
+        )
         self.state_up = Gauge("smsc_state_up", "1 while the shared state store answers", registry=r)
         self.circuit = Gauge(
             "smsc_circuit_state", "1 for the circuit breaker's current state", ["state"], registry=r
@@ -125,6 +133,8 @@ class Metrics:
         # Zeros from the start: a rate over a series that appears late misses its first step.
         for status in Status:
             self.results.labels(status.value)
+        for reason in REFUSAL_REASONS:
+            self.replies_refused.labels(reason)
 
     def watch(self, circuit: Callable[[], CircuitView]) -> None:
         """Read the circuit's last known state at each scrape."""
@@ -145,6 +155,9 @@ class Metrics:
                 self.deferrals.labels(reason).inc()
             elif event.status in (Status.submitted, Status.unknown):
                 self.sms_parts.inc(event.sms_count or 0)
+
+    def reply_refused(self, reason: str) -> None:
+        self.replies_refused.labels(reason).inc()
 
     def mail(self, outcome: str, lines: int, size: int) -> None:
         self.emails.labels(outcome).inc()

@@ -1,53 +1,188 @@
 """The SMTP server that takes the gateway's reply e-mails.
 
-Each send e-mail goes out From `<local>+<mail id>@<domain>`, so a reply names the e-mail
-it answers even when its body carries no ID (errors 1, 2, 4, 5 and 9). The reply is
-answered 250 only after its result events are confirmed; otherwise 451, so the sending
-mail server tries again later rather than the reply being lost.
+Each send e-mail goes out From `<local>+<mail id>.<token>@<domain>`: the gateway answers to
+that address, so a reply names the e-mail it answers even when its body carries no ID
+(errors 1, 2, 4, 5 and 9). The token is a truncated HMAC of the mail id under a key only
+the worker holds, and it is never published (events carry the bare mail id): knowing a
+gateway id is not enough to answer for its e-mail. A recipient whose token does not verify
+is refused at RCPT; an ID in the body counts only when it agrees with the address.
+
+Optionally only some networks may connect (checked on the peer address, before the
+greeting) and only some envelope senders may send. Every refusal changes nothing, is
+counted (`smsc_replies_refused_total{reason}`) and logged once.
+
+A reply is answered 250 only after its result events are confirmed; otherwise 451, so the
+sending mail server tries again later rather than the reply being lost.
 """
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
+import hmac
+import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from worker.protocol.decode import MalformedMail, body_text
 from worker.protocol.replies import Reply, UnreadableReply, parse_reply
+from worker.smtp_server import LimitedSMTP
 
 log = logging.getLogger(__name__)
 
 ReplySink = Callable[[str, Reply], Awaitable[None]]
+Refused = Callable[[str], None]
+
+# RFC 5321: a local part is at most 64 octets.
+LOCAL_PART_MAX = 64
+MAIL_ID_LENGTH = 32  # uuid4().hex
+# 16 base32 characters: 80 bits of the HMAC, lowercase so that a mail system that
+# lowercases local parts does not break it.
+TOKEN_LENGTH = 16
+TOKEN_SEPARATOR = "."  # noqa: S105 (a separator, not a secret)
+# What a reply address adds to the configured local part: "+", the mail id, ".", the token.
+ADDRESS_OVERHEAD = 1 + MAIL_ID_LENGTH + len(TOKEN_SEPARATOR) + TOKEN_LENGTH
+
+# The reasons a reply is refused: the label values of smsc_replies_refused_total.
+REFUSAL_REASONS = ("peer", "sender", "address", "token", "mail_id_mismatch", "ambiguous")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def reply_address(base: str, mail_id: str) -> str:
-    local, _, domain = base.partition("@")
-    return f"{local}+{mail_id}@{domain}"
+def local_part_room(base: str) -> int:
+    """How many octets a local part of `base` leaves beyond what a reply address adds
+    (negative: too long)."""
+    local = base.rpartition("@")[0]
+    return LOCAL_PART_MAX - len(local.encode()) - ADDRESS_OVERHEAD
 
 
-def mail_id_of(address: str, base: str) -> str | None:
-    """The mail id from a reply address, or None when the address is not ours."""
-    local, _, domain = base.partition("@")
-    got_local, _, got_domain = address.partition("@")
-    prefix = local + "+"
-    if got_domain.lower() != domain.lower() or not got_local.startswith(prefix):
+def parse_networks(value: str) -> tuple[Network, ...]:
+    """Comma-separated CIDRs (or single addresses); ValueError names a bad one."""
+    return tuple(ipaddress.ip_network(part.strip()) for part in value.split(",") if part.strip())
+
+
+def parse_senders(value: str) -> tuple[str, ...]:
+    """Comma-separated addresses or `@domain`s, lowercased; ValueError names a bad one."""
+    senders = tuple(part.strip().lower() for part in value.split(",") if part.strip())
+    for sender in senders:
+        local, at, domain = sender.rpartition("@")
+        if not at or not domain or "@" in local or " " in sender:
+            raise ValueError(f"{sender!r} is neither an e-mail address nor an @domain")
+    return senders
+
+
+class ReplyAddresses:
+    """Reply addresses with their tokens: made with the current key, verified with it or
+    any of the old ones (so replies to e-mails sent before a key rotation still count)."""
+
+    def __init__(self, base: str, key: bytes, old_keys: Sequence[bytes] = ()) -> None:
+        if not key:
+            raise ValueError("the reply token key is empty")
+        local, _, domain = base.rpartition("@")
+        self._local = local.lower()
+        self._domain = domain.lower()
+        self._base = base
+        self._keys = (key, *[k for k in old_keys if k])
+
+    @staticmethod
+    def _token(key: bytes, mail_id: str) -> str:
+        digest = hmac.digest(key, b"smsc-worker reply address\0" + mail_id.encode(), "sha256")
+        return base64.b32encode(digest).decode().lower()[:TOKEN_LENGTH]
+
+    def address(self, mail_id: str) -> str:
+        """The From (and envelope sender) of e-mail `mail_id`."""
+        mail_id = mail_id.lower()
+        local, _, domain = self._base.rpartition("@")
+        token = self._token(self._keys[0], mail_id)
+        return f"{local}+{mail_id}{TOKEN_SEPARATOR}{token}@{domain}"
+
+    def read(self, address: str) -> tuple[str | None, str | None]:
+        """(mail id, None) for a reply address that verifies; (None, reason) otherwise:
+        `address` when it is not a reply address of this worker, `token` when its token
+        does not verify (or it has none)."""
+        got_local, _, got_domain = address.lower().rpartition("@")
+        prefix = self._local + "+"
+        if got_domain != self._domain or not got_local.startswith(prefix):
+            return None, "address"
+        mail_id, separator, token = got_local[len(prefix) :].rpartition(TOKEN_SEPARATOR)
+        if not separator or not mail_id or len(token) != TOKEN_LENGTH:
+            return None, "token"
+        for key in self._keys:
+            if hmac.compare_digest(self._token(key, mail_id), token):
+                return mail_id, None
+        return None, "token"
+
+
+def _peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(peer[0])
+    except (TypeError, ValueError, IndexError):
         return None
-    return got_local[len(prefix) :] or None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 class ReplyHandler:
-    """aiosmtpd handler: accepts mail for our reply addresses only."""
+    """aiosmtpd handler: accepts mail only for reply addresses whose token verifies, from
+    allowed peers and senders."""
 
-    def __init__(self, base_address: str, sink: ReplySink) -> None:
-        self._base = base_address
+    def __init__(
+        self,
+        addresses: ReplyAddresses,
+        sink: ReplySink,
+        *,
+        allowed_networks: Iterable[Network] = (),
+        allowed_senders: Iterable[str] = (),
+        refused: Refused | None = None,
+    ) -> None:
+        self._addresses = addresses
         self._sink = sink
+        self._networks = tuple(allowed_networks)
+        self._senders = tuple(s.lower() for s in allowed_senders)
+        self._refused = refused or (lambda reason: None)
+
+    def _refuse(self, reason: str, what: str, *args: object) -> None:
+        self._refused(reason)
+        log.warning("reply refused (%s): " + what, reason, *args)
+
+    def peer_allowed(self, peer: Any) -> bool:
+        """Whether `peer` (a socket's peername) may talk to the receiver; counted and logged
+        when it may not."""
+        if not self._networks:
+            return True
+        ip = _peer_ip(peer)
+        if ip is not None and any(ip in network for network in self._networks):
+            return True
+        self._refuse("peer", "connection from %s, outside the allowed networks", peer)
+        return False
+
+    def _sender_allowed(self, address: str) -> bool:
+        if not self._senders:
+            return True
+        address = address.lower()
+        domain = "@" + address.rpartition("@")[2]
+        return "@" in address and (address in self._senders or domain in self._senders)
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        if not self._sender_allowed(address):
+            self._refuse("sender", "envelope sender %r from %s", address, session.peer)
+            return "550 5.7.1 sender not allowed"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
-        if mail_id_of(address, self._base) is None:
+        mail_id, reason = self._addresses.read(address)
+        if mail_id is None:
+            assert reason is not None
+            self._refuse(reason, "recipient %r from %s", address, session.peer)
             return "550 5.1.1 not a reply address of this worker"
         envelope.rcpt_tos.append(address)
         return "250 OK"
@@ -61,14 +196,46 @@ class ReplyHandler:
         except (MalformedMail, UnreadableReply) as exc:
             log.error("unreadable gateway reply from %s: %s", envelope.mail_from, exc)
             return "250 OK (unreadable reply logged)"
-        addressed = [mail_id_of(a, self._base) for a in envelope.rcpt_tos]
-        mail_id = reply.mail_id or next((m for m in addressed if m), None)
-        if mail_id is None:
-            log.error("gateway reply names no e-mail: %r", text[:200])
-            return "250 OK (reply for no known e-mail logged)"
+        # Every recipient verified at RCPT: these are the e-mails the reply may answer.
+        addressed: set[str] = set()
+        for address in envelope.rcpt_tos:
+            verified, _ = self._addresses.read(address)
+            if verified is not None:
+                addressed.add(verified)
+        if len(addressed) != 1:
+            self._refuse("ambiguous", "one reply addressed to e-mails %s", sorted(addressed))
+            return "550 5.7.1 one reply answers one e-mail"
+        (mail_id,) = addressed
+        named = reply.mail_id
+        if named is not None and named.lower() != mail_id:
+            self._refuse(
+                "mail_id_mismatch",
+                "reply to e-mail %s names e-mail %r in its body, from %s",
+                mail_id,
+                named,
+                session.peer,
+            )
+            return "550 5.7.1 the reply names another e-mail than its address"
         try:
             await self._sink(mail_id, reply)
         except Exception:
             log.exception("could not record the reply for e-mail %s", mail_id)
             return "451 4.3.0 reply not recorded, try again later"
         return "250 OK"
+
+
+class ReplySMTP(LimitedSMTP):
+    """The listener's SMTP (with its limits) and the peer checked at connect: a peer
+    outside the allowed networks gets a 554 greeting and the connection is closed, before
+    any command."""
+
+    event_handler: ReplyHandler
+
+    async def _handle_client(self) -> None:
+        assert self.session is not None
+        if not self.event_handler.peer_allowed(self.session.peer):
+            await self.push("554 5.7.1 not allowed to connect")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()

@@ -66,7 +66,13 @@ from worker.prepare import BatchKey, PreparedRequest, check_not_expired, prepare
 from worker.protocol.mail import Account, Envelope, MailBuilder
 from worker.protocol.replies import Accepted as AcceptedReply
 from worker.protocol.replies import Reply
-from worker.reply_receiver import ReplyHandler, reply_address
+from worker.reply_receiver import (
+    ReplyAddresses,
+    ReplyHandler,
+    ReplySMTP,
+    parse_networks,
+    parse_senders,
+)
 from worker.settings import Settings
 from worker.settle import Acker, Settler
 from worker.smtp_client import GatewaySmtp, SubmitResult
@@ -87,6 +93,20 @@ def header_key(settings: Settings) -> bytes:
         return own.encode()
     password = settings.gateway.password.get_secret_value().encode()
     return hmac.new(password, b"smsc-worker header key", hashlib.sha256).digest()
+
+
+def reply_token_keys(settings: Settings) -> tuple[bytes, list[bytes]]:
+    """The key that makes the tokens of reply addresses (its own setting, or one derived
+    from the gateway password, which every replica of an account shares), and the old keys
+    still accepted on replies."""
+    own = settings.reply.token_key.get_secret_value()
+    if own:
+        key = own.encode()
+    else:
+        password = settings.gateway.password.get_secret_value().encode()
+        key = hmac.new(password, b"smsc-worker reply token key", hashlib.sha256).digest()
+    old = settings.reply.token_keys_old.get_secret_value().split(",")
+    return key, [k.strip().encode() for k in old if k.strip()]
 
 
 @dataclass(slots=True)
@@ -158,6 +178,7 @@ class Service:
         self.broker = Broker(settings.amqp, published=self.telemetry.published)
         self.store: StateStore = store or open_store(settings)
         self.signer = HeaderSigner(header_key(settings))
+        self.reply_addresses = ReplyAddresses(settings.reply.address, *reply_token_keys(settings))
         self._acker = Acker(self.telemetry)
         self.settler = Settler(
             self.broker,
@@ -219,10 +240,23 @@ class Service:
         await self.store.start()
         self.telemetry.metrics.state_up.set(1)
         self._smtp = GatewaySmtp(s.smtp)
+        if not s.reply.token_key.get_secret_value():
+            log.warning(
+                "SMSC_REPLY__TOKEN_KEY is empty: the key of the reply address tokens is "
+                "derived from the gateway password (set a key of its own to rotate it apart)"
+            )
+        handler = ReplyHandler(
+            self.reply_addresses,
+            self.on_reply,
+            allowed_networks=parse_networks(s.reply.allowed_networks),
+            allowed_senders=parse_senders(s.reply.allowed_senders),
+            refused=self.telemetry.metrics.reply_refused,
+        )
         self._reply_server = await serve_smtp(
-            ReplyHandler(s.reply.address, self.on_reply),
+            handler,
             s.reply.host,
             s.reply.port,
+            smtp_class=ReplySMTP,
             limits=ListenerLimits(
                 max_message_bytes=s.reply.max_message_bytes,
                 max_recipients=s.reply.max_recipients,
@@ -585,7 +619,7 @@ class Service:
         mail_id = uuid.uuid4().hex
         return MailBuilder(
             Envelope(
-                mail_from=reply_address(self.settings.reply.address, mail_id),
+                mail_from=self.reply_addresses.address(mail_id),
                 gateway_address=self.settings.gateway.address,
                 charset=self.settings.gateway.charset,
                 text_tags=self.settings.gateway.text_tags,
@@ -755,7 +789,7 @@ class Service:
         assert self._smtp is not None
         with self.telemetry.smtp(batch.mail_id, len(live), len(mail)) as smtp_call:
             result = await self._smtp.submit(
-                reply_address(self.settings.reply.address, batch.mail_id),
+                self.reply_addresses.address(batch.mail_id),
                 self.settings.gateway.address,
                 mail,
             )
@@ -802,7 +836,9 @@ class Service:
 
     async def on_reply(self, mail_id: str, reply: Reply) -> None:
         """Turn the gateway's answer to one e-mail into fates, and settle them. Raises when
-        they could not be settled, so that the reply is sent again."""
+        they could not be settled, so that the reply is sent again. Only the reply receiver
+        calls it, for an e-mail whose reply address verified (its token): that is what lets
+        errors 2 and 4 stop or pause the whole account."""
         if mail_id in self._replies:
             raise MailBusy(f"a reply to e-mail {mail_id} is being handled")
         self._replies.add(mail_id)

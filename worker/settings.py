@@ -144,7 +144,8 @@ class ReplySettings(_Group):
     port: int = Field(2525, ge=0, le=65535)
     address: str = Field(
         "smsc-replies@localhost",
-        description="From of every e-mail; replies come back to local+<mail id>@domain",
+        description="From of every e-mail (its local part at most 14 octets); replies come "
+        "back to local+<mail id>.<token>@domain",
     )
     timeout_s: float = Field(
         900.0, gt=0, description="how long to wait for the gateway's reply to an e-mail"
@@ -170,11 +171,60 @@ class ReplySettings(_Group):
         "", description="certificate chain (PEM) to offer STARTTLS with; empty: no STARTTLS"
     )
     tls_key_file: str = Field("", description="private key (PEM) of tls_cert_file")
+    token_key: SecretStr = Field(
+        SecretStr(""),
+        description="signs the token in every reply address; empty: derived from the "
+        "gateway password",
+    )
+    token_keys_old: SecretStr = Field(
+        SecretStr(""),
+        description="previous token keys, comma-separated: still accepted on replies, "
+        "never used for new e-mails",
+    )
+    allowed_networks: str = Field(
+        "",
+        description="CIDRs, comma-separated, that may connect to the reply receiver; empty: any",
+    )
+    allowed_senders: str = Field(
+        "",
+        description="envelope senders (addresses or @domains, comma-separated) the reply "
+        "receiver takes mail from; empty: any",
+    )
 
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
+        from worker.reply_receiver import ADDRESS_OVERHEAD, LOCAL_PART_MAX, local_part_room
+
         Envelope(mail_from=value)
+        if local_part_room(value) < 0:
+            raise ValueError(
+                f"{ENV_PREFIX}REPLY__ADDRESS: its local part is too long: a reply address "
+                f"adds {ADDRESS_OVERHEAD} octets (+<mail id>.<token>) and a local part may "
+                f"have {LOCAL_PART_MAX}, so at most {LOCAL_PART_MAX - ADDRESS_OVERHEAD} are left"
+            )
+        return value
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        from worker.reply_receiver import parse_networks
+
+        try:
+            parse_networks(value)
+        except ValueError as exc:
+            raise ValueError(f"{ENV_PREFIX}REPLY__ALLOWED_NETWORKS: {exc}") from None
+        return value
+
+    @field_validator("allowed_senders")
+    @classmethod
+    def _senders(cls, value: str) -> str:
+        from worker.reply_receiver import parse_senders
+
+        try:
+            parse_senders(value)
+        except ValueError as exc:
+            raise ValueError(f"{ENV_PREFIX}REPLY__ALLOWED_SENDERS: {exc}") from None
         return value
 
     @model_validator(mode="after")

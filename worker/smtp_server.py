@@ -186,8 +186,8 @@ async def serve_smtp(
 ) -> asyncio.Server:
     """Listen on host:port (0: any free port; read it from `server.sockets[0]`) with one
     `smtp_class(handler, **smtp_kwargs)` per connection, over implicit TLS when `ssl` is
-    given; with `limits`, one `LimitedSMTP` (sessions counted across this listener). Close
-    with `server.close()`.
+    given; with `limits`, `smtp_class` is a `LimitedSMTP` (the default one, or a subclass of
+    it), sessions counted across this listener. Close with `server.close()`.
 
     Give one address for `host`: a name such as `localhost` may bind IPv4 and IPv6, each
     on a different free port when `port` is 0."""
@@ -200,11 +200,12 @@ async def serve_smtp(
         return await loop.create_server(
             lambda: smtp_class(handler, **smtp_kwargs), host, port, ssl=ssl
         )
-    if smtp_class is not SMTP:
-        raise ValueError("limits come with LimitedSMTP: give limits or smtp_class, not both")
+    limited = LimitedSMTP if smtp_class is SMTP else smtp_class
+    if not issubclass(limited, LimitedSMTP):
+        raise ValueError("limits need a LimitedSMTP (or a subclass of it) as smtp_class")
     sessions = _Sessions(limits)
     return await loop.create_server(
-        lambda: LimitedSMTP(handler, limits=limits, sessions=sessions, **smtp_kwargs),
+        lambda: limited(handler, limits=limits, sessions=sessions, **smtp_kwargs),
         host,
         port,
         ssl=ssl,

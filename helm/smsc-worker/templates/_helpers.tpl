@@ -110,6 +110,9 @@ that every render runs them.
 {{- if ge (int .Values.preStopSleepSeconds) (int .Values.terminationGraceExtraSeconds) }}
 {{- fail "preStopSleepSeconds must be shorter than terminationGraceExtraSeconds, or the wait eats into the worker's drain time" }}
 {{- end }}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.replySources) }}
+{{- fail "networkPolicy.enabled is true but networkPolicy.replySources is empty: name the CIDRs the gateway's reply e-mails come from, or no reply could reach the pods" }}
+{{- end }}
 {{- if not .Values.secrets.existingSecret }}
 {{- if not .Values.secrets.amqpUrl }}
 {{- fail "secrets.amqpUrl is required (or name a Secret holding SMSC_AMQP__URL in secrets.existingSecret)" }}
