@@ -143,6 +143,29 @@ async def test_an_unconfirmed_publish_returns_its_requests_to_the_queue_and_lose
     assert left == 0
 
 
+async def test_a_reply_whose_events_are_not_confirmed_is_asked_again_and_still_counts(
+    amqp: AmqpSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp) as (emulator, service),
+    ):
+        failures = failing_publish(
+            service,
+            monkeypatch,
+            1,
+            lambda events, _d, _r: any(o.event.status == Status.accepted for o in events),
+        )
+        await broker.publish({"request_id": "answered", "to": phone(1), "text": "once"})
+        # The first try of the reply is answered 451 (its events were not confirmed); the
+        # gateway's mail server sends it again, and it must still find its e-mail.
+        await results.wait_until(lambda: Status.accepted in results.statuses("answered"), 20)
+
+    assert failures == [1]
+    assert results.statuses("answered") == [Status.submitted, Status.accepted]
+    assert [(d.recipient, d.text) for d in emulator.deliveries] == [(phone(1), "once")]
+
+
 async def test_an_unconfirmed_dead_letter_is_dead_lettered_once_later(
     amqp: AmqpSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

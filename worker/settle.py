@@ -171,18 +171,20 @@ class Settler:
     ) -> None:
         """Apply a set of fates. Never raises for a set with deliveries (what cannot be
         recorded goes back to the queue); raises for one without, so that its source (a
-        reply) is asked again."""
+        reply) is asked again. `mails_done`: e-mails whose records go with the set."""
         plan = _Plan()
         now = time.time()
         for subject, fate in items:
             self._plan(plan, subject, fate, now)
         with_deliveries = bool(plan.acks or plan.requeues)
+        # Without deliveries (a reply) the e-mail's record is dropped only once the events
+        # are out: a reply whose events were not confirmed is asked again, and must find it.
         finish = Finish(
             sent=plan.finish_sent,
             answered=plan.finish_answered,
             released=plan.released,
             refunds=plan.refunds,
-            mails_done=mails_done,
+            mails_done=mails_done if with_deliveries else (),
         )
         if _has_steps(finish) or plan.unknown_mails:
             try:
@@ -208,6 +210,8 @@ class Settler:
             )
             await self._acker.settle((), [*plan.acks, *plan.requeues])
             return
+        if not with_deliveries and mails_done:
+            await self._store.finish(Finish(mails_done=mails_done))
         if plan.submitted:
             self._telemetry.submitted(s.copy.headers for s in plan.submitted)
         await self._acker.settle(plan.acks, plan.requeues)
