@@ -9,7 +9,6 @@ import contextlib
 import os
 import random
 import signal
-import subprocess
 import time
 import uuid
 from collections import Counter
@@ -34,7 +33,12 @@ from tests.conftest import (
     phone,
 )
 from tests.test_cli import cli_env
-from tests.test_limits_and_retries import FAST_RETRY, SHORT_WINDOWS, WORKER_LIMITS
+from tests.test_limits_and_retries import (
+    FAST_RETRY,
+    SHORT_WINDOWS,
+    WORKER_LIMITS,
+    close_connection_named,
+)
 from worker.contract import Status
 from worker.emulator.config import EmulatorConfig
 from worker.emulator.rules import recipient_key
@@ -189,24 +193,8 @@ def all_accepted(results: Results, ids: Iterable[str]) -> bool:
     return all(Status.accepted in results.statuses(r) for r in ids)
 
 
-def close_connection_named(name: str) -> int:
-    """Close every broker connection with this name from the broker's side."""
-    listing = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    pids = [line.split("\t")[0] for line in listing.splitlines() if name in line]
-    for pid in pids:
-        subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test"], check=False)
-    return len(pids)
-
-
-async def close_connection_soon(name: str, timeout: float = 20) -> None:
-    async with asyncio.timeout(timeout):
-        while not await asyncio.to_thread(close_connection_named, name):
-            await asyncio.sleep(0.3)
+async def close_connection_soon(name: str) -> None:
+    await asyncio.to_thread(close_connection_named, name)
 
 
 async def publish_stream(

@@ -59,7 +59,6 @@ def delivery(body: bytes, headers: dict[str, Any] | None = None, tag: int = 1) -
         tag=tag,
         copy=RequestCopy(body, headers or {}, message_id=None),
         redelivered=False,
-        received_at=time.monotonic(),
     )
 
 

@@ -578,3 +578,28 @@ def test_the_requests_own_expiry_ends_the_retries() -> None:
     assert isinstance(fate, Reject) and fate.code == "expired"
     later = datetime.fromtimestamp(now, UTC) + timedelta(minutes=10)
     assert isinstance(give_up_or_later(subject(1, 0, now), later, RETRY, now, "x"), Later)
+
+
+async def test_a_background_loop_that_fails_is_started_again(
+    amqp: AmqpSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, observability=QUICK_DRAIN) as (_, service),
+    ):
+        real_judge = service._judge
+        failed: list[int] = []
+
+        async def judge_with_a_bug(burst: list[Any]) -> None:
+            if not failed:
+                failed.append(len(burst))
+                raise RuntimeError("a bug in the intake")
+            await real_judge(burst)
+
+        monkeypatch.setattr(service, "_judge", judge_with_a_bug)
+        await broker.publish({"request_id": "hit-by-the-bug", "to": phone(1), "text": "a"})
+        await eventually(lambda: bool(failed))
+        await broker.publish({"request_id": "after-the-bug", "to": phone(2), "text": "b"})
+        await results.wait_until(lambda: Status.accepted in results.statuses("after-the-bug"))
+
+    assert failed == [1]

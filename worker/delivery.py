@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -206,7 +205,6 @@ class Delivery:
     tag: int
     copy: RequestCopy
     redelivered: bool
-    received_at: float
     # Deliveries before this one that were returned to the quorum queue (its own count).
     returned: int = 0
 
@@ -220,7 +218,6 @@ class Delivery:
             tag=tag,
             copy=RequestCopy.of(message),
             redelivered=bool(message.redelivered),
-            received_at=time.monotonic(),
             returned=count if isinstance(count, int) and not isinstance(count, bool) else 0,
         )
 
@@ -235,7 +232,3 @@ class Delivery:
     def source(self) -> str:
         """Names a delivery whose body holds no readable request id."""
         return self.copy.message_id or fingerprint(self.body)
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)

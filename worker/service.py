@@ -19,7 +19,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import formatdate
@@ -280,7 +280,7 @@ class Service:
             self._expire_unanswered,
             self._watch_state,
         ):
-            self._background.append(asyncio.create_task(loop()))
+            self._background.append(asyncio.create_task(self._keep_running(loop)))
         if await self.store.account_stopped() is not None:
             self._note_account_stopped()
         else:
@@ -377,6 +377,19 @@ class Service:
                 log.warning("stopping with e-mails still unanswered")
                 return
             await asyncio.sleep(0.05)
+
+    @staticmethod
+    async def _keep_running(loop: Callable[[], Awaitable[None]]) -> None:
+        """A background loop that fails (a bug, a broker call during a reconnect) is logged
+        and started again: the intake, the flusher, the sweeper and the state watcher must
+        outlive any one error, or the worker would go on looking alive and do nothing."""
+        while True:
+            try:
+                await loop()
+                return
+            except Exception:
+                log.exception("%s failed; starting it again", loop.__name__)
+                await asyncio.sleep(1)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -745,6 +758,9 @@ class Service:
                 await self._settle([(p.subject(), Requeue("state unavailable")) for p in live])
                 return True
             if gate.kind == GateKind.go:
+                if gate.probe:
+                    self.circuit_view = CircuitView.half_open
+                    log.info("circuit half-open: e-mail %s is the probe", batch.mail_id)
                 return False
             if gate.kind == GateKind.stopped:
                 self._note_account_stopped()

@@ -326,18 +326,16 @@ class Settler:
                 metadata=metadata,
             )
         if isinstance(fate, Submitted | Accepted):
-            unknown = isinstance(fate, Submitted) and fate.unknown
-            status = Status.accepted if isinstance(fate, Accepted) else Status.submitted
-            error = None
-            if unknown:
-                assert isinstance(fate, Submitted)
-                status = Status.unknown
-                error = error_info(
-                    "outcome_unknown",
-                    f"connection lost after the data was sent ({fate.detail}); "
-                    "waiting for the gateway's reply, not resending",
-                    False,
-                )
+            status, error = Status.accepted, None
+            if isinstance(fate, Submitted):
+                status = Status.unknown if fate.unknown else Status.submitted
+                if fate.unknown:
+                    error = error_info(
+                        "outcome_unknown",
+                        f"connection lost after the data was sent ({fate.detail}); "
+                        "waiting for the gateway's reply, not resending",
+                        False,
+                    )
             parts = subject.sms_parts
             return ResultEvent.create(
                 rid,
