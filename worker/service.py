@@ -887,6 +887,8 @@ class Service:
         subjects = [Subject.of_carried(c) for c in record.requests]
         if isinstance(reply, AcceptedReply):
             await self.store.close_circuit()
+            if self.circuit_view != CircuitView.closed:
+                log.info("circuit closed")
             self.circuit_view = CircuitView.closed
             fates: Iterable[Fate] = [Accepted(record.mail_id)] * len(subjects)
         else:
@@ -905,6 +907,7 @@ class Service:
                 text = f"gateway error {int(reply.error)}: {reply.description}"
                 pause = await self.store.open_circuit(text, funds)
                 self.circuit_view = CircuitView.open
+                log.warning("circuit open for %.0f s: %s", pause, text)
                 fates = [replace(f, wait=pause) if isinstance(f, Later) else f for f in fates]
             if plan.stop_account:
                 await self.store.stop_account(reply.description or "credentials refused")
