@@ -7,10 +7,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from worker.errors import InvalidRequest
 from worker.prepare import BatchKey
 from worker.protocol.mail import ListLine, MailBuilder
 
 T = TypeVar("T")
+
+
+class LineRefused(InvalidRequest, Generic[T]):
+    """A line too large for an e-mail of its own. `closed`: the batch that trying to fit it
+    closed first, which is full and must still be sent."""
+
+    def __init__(self, refused: InvalidRequest, closed: list[Batch[T]]) -> None:
+        super().__init__(refused.message, code=refused.code)
+        self.closed = closed
 
 
 @dataclass(eq=False)
@@ -47,7 +57,9 @@ class Batcher(Generic[T]):
         return sum(len(b.items) for b in self._open.values())
 
     def add(self, key: BatchKey, line: ListLine, item: T, now: float) -> list[Batch[T]]:
-        """Put one item in its batch; return the batches this closed (zero, one or two)."""
+        """Put one item in its batch; return the batches this closed (zero, one or two).
+        A line too large for an e-mail of its own raises LineRefused, with the batch it
+        closed on the way: the caller rejects just that request and sends the batch."""
         closed: list[Batch[T]] = []
         batch = self._open.get(key)
         if batch is not None and not batch.builder.try_add(line):
@@ -55,9 +67,10 @@ class Batcher(Generic[T]):
             batch = None
         if batch is None:
             batch = Batch(key, self._new_builder(key), now)
-            # A line too large for an empty e-mail raises InvalidRequest here, and the
-            # batch is not kept open: the caller rejects just that request.
-            batch.builder.try_add(line)
+            try:
+                batch.builder.try_add(line)
+            except InvalidRequest as exc:
+                raise LineRefused(exc, closed) from exc
             self._open[key] = batch
         batch.items.append(item)
         if len(batch.items) >= self._max_lines:

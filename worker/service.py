@@ -29,7 +29,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry.trace import TracerProvider
 
-from worker.batcher import Batch, Batcher
+from worker.batcher import Batch, Batcher, LineRefused
 from worker.broker import Broker
 from worker.contract import SendRequest
 from worker.delivery import Delivery, ForgedHeaders, HeaderSigner, Provenance, fingerprint
@@ -628,10 +628,10 @@ class Service:
             closed = self._batcher.add(
                 pending.prepared.key, pending.prepared.line, pending, time.monotonic()
             )
-        except InvalidRequest as exc:
+        except LineRefused as exc:
             self._held.discard(pending.request.request_id)
             decided.append((pending.subject(), Reject(exc.code, exc.message)))
-            return
+            closed = exc.closed
         for batch in closed:
             self._spawn(self._submit(batch))
 
