@@ -23,6 +23,7 @@ from worker.protocol.fields import (
     check_text,
     escape_text,
     is_valid_time,
+    new_mail_id,
     unescape_text,
 )
 
@@ -106,6 +107,16 @@ def test_ids_outside_the_documented_form_are_refused(mail_id: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         check_mail_id(mail_id)
     assert info.value.code == "invalid_id"
+
+
+def test_a_new_mail_id_is_never_digits_alone() -> None:
+    # About one uuid4 in 2.7 million is hex digits with no letter: a number to the gateway,
+    # far past 2147483647, which it would refuse.
+    draws = iter(["12345678123412341234123456789012", "0123456789abcdef0123456789abcdef"])
+    mail_id = new_mail_id(lambda: next(draws))
+    assert mail_id == "0123456789abcdef0123456789abcdef"
+    assert check_mail_id(mail_id) == mail_id
+    assert check_mail_id(new_mail_id()) != ""
 
 
 @FAST

@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -63,6 +62,7 @@ from worker.ledger import (
 from worker.ledger.factory import open_store
 from worker.ledger.memory import MemoryStateStore
 from worker.prepare import BatchKey, PreparedRequest, check_not_expired, prepare
+from worker.protocol.fields import new_mail_id
 from worker.protocol.mail import Account, Envelope, MailBuilder
 from worker.protocol.replies import Accepted as AcceptedReply
 from worker.protocol.replies import Reply
@@ -636,7 +636,7 @@ class Service:
             self._spawn(self._submit(batch))
 
     def _new_builder(self, key: BatchKey) -> MailBuilder:
-        mail_id = uuid.uuid4().hex
+        mail_id = new_mail_id()
         return MailBuilder(
             Envelope(
                 mail_from=self.reply_addresses.address(mail_id),
