@@ -49,8 +49,8 @@ def test_a_batch_closes_at_its_line_limit_or_when_the_next_line_does_not_fit() -
 def test_a_line_too_large_for_any_email_hands_back_the_batch_it_closed() -> None:
     batcher: Batcher[str] = Batcher(builder, max_lines=500, max_wait=1.0)
     batcher.add(KEY, line(1), "waiting", 0.0)
+    many = ListLine(tuple(f"7916{n:07d}" for n in range(300)), "to all of them")
     with pytest.raises(LineRefused) as refused:
-        many = ListLine(tuple(f"7916{n:07d}" for n in range(300)), "to all of them")
         batcher.add(KEY, many, "too large", 0.0)
     # The open batch was closed to make room; it must come back to be sent, not vanish.
     assert [b.items for b in refused.value.closed] == [["waiting"]]
