@@ -96,6 +96,9 @@ CONTROL_CHARACTER = "control_character"
 RESERVED_PREFIX = "reserved_prefix"
 INVALID_UNICODE = "invalid_unicode"
 TEXT_TOO_LONG = "text_too_long"
+FRACTIONAL_TZ = "fractional_tz"
+# Real time zones run from UTC-12 to UTC+14: from Moscow (UTC+3), -15 to +11.
+MIN_TZ, MAX_TZ = -15, 11
 
 
 def check_characters(field: str, value: str, *, newline: bool = False) -> str:
@@ -125,7 +128,8 @@ def _checked_text(value: str) -> str:
 
 
 class HourWindow(BaseModel):
-    """Deliver only between two hours of the day (Moscow time shifted by `tz`)."""
+    """Deliver only between two hours of the day: in the account's own time zone, or in
+    Moscow time shifted by the request's `tz`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -172,7 +176,14 @@ class SendRequest(BaseModel):
     translit: Literal["off", "translit", "mpahc"] | None = None
     send_at: AwareDatetime | None = Field(None, description="Deliver at this moment.")
     window: HourWindow | None = Field(None, description="Deliver only within these hours.")
-    tz: int | None = Field(None, ge=-12, le=12, description="Hours relative to Moscow for window.")
+    tz: int | None = Field(
+        None,
+        ge=MIN_TZ,
+        le=MAX_TZ,
+        description="For window only: whole hours relative to Moscow (UTC+3), from -15 "
+        "(UTC-12) to +11 (UTC+14). Without tz the window is in the account's own time "
+        "zone (set in the gateway's account), not Moscow's.",
+    )
     subject: str | None = Field(
         None, max_length=MAX_SUBJECT_CHARS, description="Subject line, email channel only."
     )
@@ -237,10 +248,24 @@ class SendRequest(BaseModel):
                 check_characters("metadata value", item)
         return value
 
+    @field_validator("tz", mode="before")
+    @classmethod
+    def _whole_hours(cls, value: Any) -> Any:
+        if isinstance(value, float) and not value.is_integer():
+            raise PydanticCustomError(
+                FRACTIONAL_TZ,
+                "tz is whole hours relative to Moscow; a zone {tz} hours from Moscow cannot "
+                "be given to the gateway (give the moment as send_at instead)",
+                {"tz": value},
+            )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> SendRequest:
         if self.send_at is not None and self.window is not None:
             raise ValueError("give send_at or window, not both")
+        if self.tz is not None and self.window is None:
+            raise ValueError("tz applies to window only: give a window, or leave tz out")
         if self.subject is not None and self.channel != "email":
             raise ValueError("subject is for the email channel only")
         if self.voice is not None and self.channel != "voice":

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from worker.contract import (
     CONTROL_CHARACTER,
+    FRACTIONAL_TZ,
     INVALID_UNICODE,
     RESERVED_PREFIX,
     TEXT_TOO_LONG,
@@ -169,7 +170,7 @@ Fate = Reject | Later | Fail | Submitted | Accepted | Replay | Unknown | Requeue
 
 # Validation errors reported under a code of their own rather than `invalid_schema`, in
 # this order of precedence (the contract's validators raise them by these names).
-_OWN_CODES = (CONTROL_CHARACTER, INVALID_UNICODE, RESERVED_PREFIX, TEXT_TOO_LONG)
+_OWN_CODES = (CONTROL_CHARACTER, INVALID_UNICODE, RESERVED_PREFIX, TEXT_TOO_LONG, FRACTIONAL_TZ)
 
 
 def read_request(body: bytes) -> SendRequest | Reject:
