@@ -24,7 +24,7 @@ import redis
 from pydantic import SecretStr
 
 from tests.test_state_store import LIMITS, REDIS_URL, claim, delete_prefix, item, record
-from worker.ledger import Finish, GateKind, VerdictKind
+from worker.ledger import Finish, GateKind, StateUnavailable, VerdictKind
 from worker.ledger.redis import RedisStateStore
 from worker.settings import GatewaySettings, LimitSettings, Settings, StateSettings
 
@@ -187,6 +187,14 @@ async def test_the_store_finds_its_master_through_a_sentinel(sentinel: SentinelR
         assert _kinds(keys, prefix, "default") >= EXPECTED_KINDS - {"owner"}
     finally:
         await delete_prefix(prefix)
+
+    # The master is the sentinel's answer: a service it does not monitor is no Redis at all.
+    unknown = RedisStateStore(_settings(f"{url}-unknown", prefix))
+    try:
+        with pytest.raises(StateUnavailable, match="No master found"):
+            await unknown.start()
+    finally:
+        await unknown.close()
 
 
 # -- Cluster ----------------------------------------------------------------------------
