@@ -79,7 +79,7 @@ def prepare(
     """Everything about a request that can be known without I/O, or InvalidRequest."""
     check_not_expired(request, now)
     fmt = Format[request.channel] if request.channel else default_channel
-    recipients = parse_recipients(request.to, fmt, gateway.default_region)
+    recipients = parse_recipients(request.to, fmt, gateway.default_region, gateway.national_first)
     text = check_text(request.text)
     options = MailOptions(
         send_time=_send_time(request),

@@ -64,6 +64,12 @@ class GatewaySettings(_Group):
     charset: Charset = "koi8-r"
     text_tags: bool = Field(False, description="wrap the body in [text]...[/text]")
     default_region: str = Field("RU", description="region for numbers given without +")
+    national_first: bool = Field(
+        True,
+        description="a number without + that is valid both as a national number of "
+        "default_region and as an international number with the + left off (84951234567: "
+        "Moscow, or Vietnam +84) is read as the national one; false: as the international one",
+    )
     default_sender: str = ""
 
     @field_validator("login")
