@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from tests.conftest import collecting, gateway_and_worker, phone
 from worker.contract import Status
 from worker.delivery import ERROR_CODE_HEADER
-from worker.settings import AmqpSettings, BatchSettings, LimitSettings
+from worker.settings import AmqpSettings, BatchSettings, GatewaySettings, LimitSettings
 
 
 async def test_a_thousand_requests_go_out_in_few_emails_each_exactly_once(
@@ -172,3 +172,39 @@ async def test_the_account_pace_spreads_emails_out(amqp: AmqpSettings) -> None:
     assert len(times) == 5
     # A bucket of two per second: the last three e-mails wait about half a second each.
     assert times[-1] - times[0] >= 1.2
+
+
+async def test_international_numbers_without_plus_are_accepted_and_delivered_once(
+    amqp: AmqpSettings,
+) -> None:
+    numbers = ["380501234567", "375291234567", "998901234567", "447911123456", "84951234567"]
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp) as (emulator, _),
+    ):
+        for n, number in enumerate(numbers):
+            await broker.publish({"request_id": f"intl-{n}", "to": number, "text": f"intl {n}"})
+        ids = [f"intl-{n}" for n in range(len(numbers))]
+        await results.wait_until(lambda: all(Status.accepted in results.statuses(i) for i in ids))
+    for n, number in enumerate(numbers[:4]):
+        assert results.statuses(f"intl-{n}") == [Status.submitted, Status.accepted]
+        assert emulator.delivered("+" + number, f"intl {n}") == 1
+    # Valid both ways: the default region's national reading (Moscow) wins.
+    assert emulator.delivered("+74951234567", "intl 4") == 1
+    assert emulator.delivered("+84951234567", "intl 4") == 0
+    assert len(emulator.deliveries) == len(numbers)
+
+
+async def test_the_international_reading_wins_when_national_first_is_off(
+    amqp: AmqpSettings,
+) -> None:
+    gateway = GatewaySettings(national_first=False)
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, gateway=gateway) as (emulator, _),
+    ):
+        await broker.publish({"request_id": "vn", "to": "84951234567", "text": "xin chao"})
+        await results.wait_until(lambda: Status.accepted in results.statuses("vn"))
+    assert emulator.delivered("+84951234567", "xin chao") == 1
+    assert emulator.delivered("+74951234567", "xin chao") == 0
+    assert [d.phone for d in emulator.deliveries] == ["+84951234567"]

@@ -555,3 +555,15 @@ def can_encode(line: ListLine, charset: str) -> bool:
 
 def decode_cte(raw: bytes) -> str:
     return str(parsed(raw)["Content-Transfer-Encoding"])
+
+
+def test_a_full_e_mail_at_the_default_limit_stays_under_100_000_bytes() -> None:
+    from worker.settings import BatchSettings
+
+    limit = BatchSettings().max_bytes
+    mail = builder(limit=limit)
+    line = ListLine((PHONE,), "a" * 900)
+    while mail.try_add(line):
+        pass
+    raw = mail.build()
+    assert limit - mail.cost(line) < len(raw) <= limit < 100_000

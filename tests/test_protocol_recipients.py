@@ -169,3 +169,104 @@ def test_every_accepted_recipient_is_safe_to_write_in_a_line(raw: str) -> None:
             continue
         assert recipient.wire
         assert not any(c in recipient.wire for c in ":,;\r\n \t")
+
+
+# International numbers with the `+` left off (the gateway's document allows it).
+INTERNATIONAL_WITHOUT_PLUS = ["380501234567", "375291234567", "998901234567", "447911123456"]
+
+
+@pytest.mark.parametrize("raw", INTERNATIONAL_WITHOUT_PLUS)
+@pytest.mark.parametrize("national_first", [True, False])
+def test_an_international_number_without_plus_is_accepted(raw: str, national_first: bool) -> None:
+    recipient = parse_recipient(raw, Format.sms, "RU", national_first)
+    assert recipient.kind is RecipientKind.phone
+    assert recipient.key == "+" + raw
+    # Written with `+`, so the gateway's auto-correction cannot read it as a national number.
+    assert recipient.wire == "+" + raw
+
+
+def test_a_number_valid_both_ways_is_national_by_default() -> None:
+    recipient = parse_recipient("84951234567")  # Moscow with the trunk 8, or Vietnam +84
+    assert recipient.key == "+74951234567"
+    assert recipient.wire == "74951234567"
+
+
+def test_a_number_valid_both_ways_is_international_when_national_first_is_off() -> None:
+    recipient = parse_recipient("84951234567", Format.sms, "RU", national_first=False)
+    assert recipient.key == "+84951234567"
+    assert recipient.wire == "+84951234567"
+
+
+@pytest.mark.parametrize("national_first", [True, False])
+@pytest.mark.parametrize("raw", ["89991234567", "9991234567", "8 (999) 123-45-67"])
+def test_a_number_valid_only_nationally_stays_national(raw: str, national_first: bool) -> None:
+    recipient = parse_recipient(raw, Format.sms, "RU", national_first)
+    assert recipient.key == "+79991234567"
+    assert recipient.wire == "79991234567"
+
+
+def test_the_international_reading_must_be_valid_exactly_as_written() -> None:
+    # "+4407911123456" would need a correction (the trunk 0 dropped): no reading fits.
+    with pytest.raises(InvalidRequest) as info:
+        parse_recipient("4407911123456")
+    assert info.value.code == "invalid_phone"
+
+
+def test_parse_recipients_passes_the_reading_on() -> None:
+    national = parse_recipients(["84951234567", "74951234567"])
+    assert [r.key for r in national] == ["+74951234567"]
+    international = parse_recipients(["84951234567", "+84951234567"], national_first=False)
+    assert [r.key for r in international] == ["+84951234567"]
+
+
+def _mobile_examples() -> list[str]:
+    found = []
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        number = phonenumbers.example_number_for_type(region, phonenumbers.PhoneNumberType.MOBILE)
+        if number is not None:
+            found.append(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+    return found
+
+
+MOBILE_EXAMPLES = _mobile_examples()
+
+
+@FAST
+@given(st.sampled_from(MOBILE_EXAMPLES), st.sampled_from(["RU", "GB", "US", "UA", "DE"]))
+@example("+84951234567", "RU")
+@example("+380501234567", "RU")
+def test_every_valid_number_without_plus_is_read_one_of_the_two_ways(
+    e164: str, region: str
+) -> None:
+    digits = e164[1:]
+    international = parse_recipient(digits, Format.sms, region, national_first=False)
+    assert (international.key, international.wire) == (e164, e164)
+    national = parse_recipient(digits, Format.sms, region, national_first=True)
+    if national.key != e164:
+        # Only where the digits are a valid national number of the region as well.
+        parsed = phonenumbers.parse(digits, region)
+        assert phonenumbers.is_valid_number(parsed)
+        assert national.key == phonenumbers.format_number(
+            parsed, phonenumbers.PhoneNumberFormat.E164
+        )
+
+
+@FAST
+@given(
+    st.one_of(
+        st.sampled_from(MOBILE_EXAMPLES).map(lambda e164: e164[1:]),
+        st.from_regex(r"[1-9][0-9]{9,13}", fullmatch=True),
+    ),
+    st.booleans(),
+)
+@example("84951234567", True)
+@example("84951234567", False)
+def test_what_is_written_reads_back_as_the_same_number(raw: str, national_first: bool) -> None:
+    """The gateway (as the emulator reads it, region RU, national first) reads the wire
+    form as the number the worker meant, whichever reading the worker chose."""
+    try:
+        recipient = parse_recipient(raw, Format.sms, "RU", national_first)
+    except InvalidRequest:
+        return
+    assert parse_recipient(recipient.wire).key == recipient.key
+    assert parse_recipient(recipient.wire, national_first=not national_first).key == recipient.key

@@ -131,3 +131,13 @@ def test_a_listed_charset_starts(tmp_path: Path, name: str, charset: str) -> Non
     done = smsc_worker_config(tmp_path, SMSC_GATEWAY__CHARSET=name)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["gateway"]["charset"] == charset
+
+
+def test_e_mails_are_filled_to_a_margin_under_100_000_bytes_by_default() -> None:
+    from worker.protocol.mail import MAX_MAIL_BYTES
+    from worker.settings import BatchSettings
+
+    assert BatchSettings().max_bytes == 98_304 < 100_000
+    assert BatchSettings(max_bytes=MAX_MAIL_BYTES).max_bytes == 102_400
+    with pytest.raises(ValidationError):
+        BatchSettings(max_bytes=MAX_MAIL_BYTES + 1)

@@ -15,6 +15,9 @@ from worker.protocol.recipients import Recipient, parse_recipients
 from worker.protocol.segments import count_segments
 from worker.settings import GatewaySettings
 
+# The formats that carry no text: the only ones the gateway takes an empty text for.
+TEXTLESS_FORMATS = (Format.hlr, Format.ping)
+
 
 @dataclass(frozen=True, slots=True)
 class BatchKey:
@@ -79,8 +82,16 @@ def prepare(
     """Everything about a request that can be known without I/O, or InvalidRequest."""
     check_not_expired(request, now)
     fmt = Format[request.channel] if request.channel else default_channel
-    recipients = parse_recipients(request.to, fmt, gateway.default_region)
+    recipients = parse_recipients(request.to, fmt, gateway.default_region, gateway.national_first)
     text = check_text(request.text)
+    if not text and fmt not in TEXTLESS_FORMATS:
+        # The gateway refuses an empty text with error 1 for the whole e-mail, so one such
+        # line would fail (or split) every request it shares an e-mail with.
+        raise InvalidRequest(
+            f"text is empty; only the {' and '.join(f.name for f in TEXTLESS_FORMATS)} "
+            f"channels carry no text (this request's channel: {fmt.name})",
+            code="empty_text",
+        )
     options = MailOptions(
         send_time=_send_time(request),
         translit=Translit[request.translit] if request.translit else None,

@@ -18,7 +18,7 @@ from pydantic_settings import (
 
 from worker.contract import largest_request_bytes
 from worker.protocol.fields import Format, check_login, check_password, check_sender
-from worker.protocol.mail import Envelope
+from worker.protocol.mail import DEFAULT_MAIL_BYTES, MAX_MAIL_BYTES, Envelope
 
 ENV_PREFIX = "SMSC_"
 SECRETS_DIR_VARIABLE = "SMSC_SECRETS_DIR"
@@ -64,6 +64,12 @@ class GatewaySettings(_Group):
     charset: Charset = "koi8-r"
     text_tags: bool = Field(False, description="wrap the body in [text]...[/text]")
     default_region: str = Field("RU", description="region for numbers given without +")
+    national_first: bool = Field(
+        True,
+        description="a number without + that is valid both as a national number of "
+        "default_region and as an international number with the + left off (84951234567: "
+        "Moscow, or Vietnam +84) is read as the national one; false: as the international one",
+    )
     default_sender: str = ""
 
     @field_validator("login")
@@ -248,7 +254,14 @@ class ReplySettings(_Group):
 class BatchSettings(_Group):
     max_lines: int = Field(500, ge=1, description="lines per e-mail at most")
     max_wait_ms: int = Field(50, ge=0, description="oldest request's wait before a flush")
-    max_bytes: int = Field(102_400, ge=1024, le=102_400)
+    max_bytes: int = Field(
+        DEFAULT_MAIL_BYTES,
+        ge=1024,
+        le=MAX_MAIL_BYTES,
+        description="an e-mail is filled to at most this many bytes, headers included; the "
+        "default leaves a margin under 100,000 bytes for the headers mail servers on the way "
+        "add (the gateway's limit is 100 KB, at most 102,400)",
+    )
 
 
 class LimitSettings(_Group):

@@ -1,8 +1,14 @@
 """Recipients as the gateway reads them: phone numbers, groups, e-mail addresses, #ids.
 
 A number given with `+` is validated as it is and never corrected (the gateway's own
-rule: `+` turns its auto-correction off). A number without `+` is read the way the
-gateway would read it, with a default region, and written back without `+`.
+rule: `+` turns its auto-correction off). A number without `+` may be national (read with
+a default region) or international with the `+` left off (the gateway's document allows
+that: `380501234567` is a Ukrainian number). When a digit string is valid both ways and
+the two name different numbers (`84951234567`: Moscow with the trunk prefix 8, or Vietnam
++84), the national reading wins unless `national_first` is off. Either way the number is
+written so that the gateway cannot read it otherwise: a national reading as the digits of
+its E.164 form without `+` (as the gateway's auto-correction reads them), an
+international one with `+` (so no auto-correction can turn it into a national number).
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ class Recipient:
     key: str
 
 
-def parse_recipient(raw: str, fmt: Format = Format.sms, default_region: str = "RU") -> Recipient:
+def parse_recipient(
+    raw: str, fmt: Format = Format.sms, default_region: str = "RU", national_first: bool = True
+) -> Recipient:
     """Validate one recipient for a message format, or say why it cannot be one."""
     value = raw.strip()
     if not value:
@@ -61,10 +69,22 @@ def parse_recipient(raw: str, fmt: Format = Format.sms, default_region: str = "R
                 code="invalid_recipient",
             )
         return Recipient(RecipientKind.messenger, value, value)
-    return _parse_phone(raw, value, default_region)
+    return _parse_phone(raw, value, default_region, national_first)
 
 
-def _parse_phone(raw: str, value: str, default_region: str) -> Recipient:
+def _international(digits: str) -> str | None:
+    """The E.164 number `digits` is with the `+` put back, if it is valid exactly as written."""
+    try:
+        number = phonenumbers.parse("+" + digits, None)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return e164 if e164 == "+" + digits else None
+
+
+def _parse_phone(raw: str, value: str, default_region: str, national_first: bool) -> Recipient:
     compact = _PHONE_PUNCTUATION.sub("", value)
     explicit = compact.startswith("+")
     digits = compact[1:] if explicit else compact
@@ -73,11 +93,18 @@ def _parse_phone(raw: str, value: str, default_region: str) -> Recipient:
             f"{raw!r} is not a phone number, group (G<n>), e-mail address or #id",
             code="invalid_recipient",
         )
+    international = None if explicit else _international(digits)
+    if international is not None and not national_first:
+        return Recipient(RecipientKind.phone, international, international)
     try:
         number = phonenumbers.parse(compact, None if explicit else default_region)
     except phonenumbers.NumberParseException as exc:
+        if international is not None:
+            return Recipient(RecipientKind.phone, international, international)
         raise InvalidRequest(f"{raw!r} is not a phone number: {exc}", code="invalid_phone") from exc
     if not phonenumbers.is_valid_number(number):
+        if international is not None:
+            return Recipient(RecipientKind.phone, international, international)
         hint = " (numbers with + are not corrected)" if explicit else ""
         raise InvalidRequest(f"{raw!r} is not a valid phone number{hint}", code="invalid_phone")
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
@@ -93,12 +120,15 @@ def _parse_phone(raw: str, value: str, default_region: str) -> Recipient:
 
 
 def parse_recipients(
-    raws: list[str] | tuple[str, ...], fmt: Format = Format.sms, default_region: str = "RU"
+    raws: list[str] | tuple[str, ...],
+    fmt: Format = Format.sms,
+    default_region: str = "RU",
+    national_first: bool = True,
 ) -> tuple[Recipient, ...]:
     """Each recipient validated; the same person named twice is kept once."""
     seen: dict[str, Recipient] = {}
     for raw in raws:
-        recipient = parse_recipient(raw, fmt, default_region)
+        recipient = parse_recipient(raw, fmt, default_region, national_first)
         seen.setdefault(recipient.key, recipient)
     if not seen:
         raise InvalidRequest("at least one recipient is required", code="invalid_recipient")
