@@ -18,16 +18,13 @@ sending mail server tries again later rather than the reply being lost.
 from __future__ import annotations
 
 import base64
-import email
-import email.policy
 import hmac
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from worker.protocol.decode import MalformedMail, body_text
-from worker.protocol.replies import Reply, UnreadableReply, parse_reply
+from worker.protocol.replies import Reply, UnreadableReply, read_reply
 from worker.smtp_server import LimitedSMTP
 
 log = logging.getLogger(__name__)
@@ -189,11 +186,9 @@ class ReplyHandler:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         raw = envelope.original_content or envelope.content
-        message = email.message_from_bytes(raw, policy=email.policy.compat32)
         try:
-            text, _ = body_text(message, "utf-8")
-            reply = parse_reply(text)
-        except (MalformedMail, UnreadableReply) as exc:
+            reply = read_reply(raw)
+        except UnreadableReply as exc:
             log.error("unreadable gateway reply from %s: %s", envelope.mail_from, exc)
             return "250 OK (unreadable reply logged)"
         # Every recipient verified at RCPT: these are the e-mails the reply may answer.
