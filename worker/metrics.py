@@ -108,6 +108,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.reply_parts_mismatch = Counter(
+            "smsc_reply_parts_mismatch",
+            "OK replies whose SMS count differs from the parts the worker expected for the "
+            "e-mail (the requests are still accepted)",
+            registry=r,
+        )
         self.state_up = Gauge("smsc_state_up", "1 while the shared state store answers", registry=r)
         self.circuit = Gauge(
             "smsc_circuit_state", "1 for the circuit breaker's current state", ["state"], registry=r

@@ -890,6 +890,7 @@ class Service:
             if self.circuit_view != CircuitView.closed:
                 log.info("circuit closed")
             self.circuit_view = CircuitView.closed
+            self._compare_parts(record, reply)
             fates: Iterable[Fate] = [Accepted(record.mail_id)] * len(subjects)
         else:
             plan = after_error(
@@ -916,6 +917,20 @@ class Service:
         await self.settler.settle(
             list(zip(subjects, fates, strict=True)), mails_done=[record.mail_id]
         )
+
+    def _compare_parts(self, record: MailRecord, reply: AcceptedReply) -> None:
+        """`OK - n SMS` against the parts the worker counted for the e-mail (parts times
+        recipients, summed): a difference is logged and counted, and the requests are still
+        accepted (the gateway has taken them; its count is what it charges). A record
+        without a count (0) is not compared."""
+        if record.sms_parts and reply.sms_count != record.sms_parts:
+            self.telemetry.metrics.reply_parts_mismatch.inc()
+            log.warning(
+                "e-mail %s: the gateway counted %d SMS, the worker expected %d",
+                record.mail_id,
+                reply.sms_count,
+                record.sms_parts,
+            )
 
     async def _expire_unanswered(self) -> None:
         """A reply that never comes must not keep a record forever. An e-mail that was
