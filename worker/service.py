@@ -34,6 +34,7 @@ from worker.contract import SendRequest
 from worker.delivery import Delivery, ForgedHeaders, HeaderSigner, Provenance, fingerprint
 from worker.errors import InvalidRequest
 from worker.fate import (
+    NO_REPLY,
     Accepted,
     Fail,
     Fate,
@@ -41,6 +42,7 @@ from worker.fate import (
     Reject,
     Requeue,
     Subject,
+    Unknown,
     after_error,
     after_submission,
     from_verdict,
@@ -933,8 +935,9 @@ class Service:
             )
 
     async def _expire_unanswered(self) -> None:
-        """A reply that never comes must not keep a record forever. An e-mail that was
-        accepted stays `submitted`; one whose fate is unknown is reported `failed`, never
+        """A reply that never comes must not keep a record forever, nor its requests
+        `submitted`: an e-mail the gateway took (SMTP 250) ends `unknown` (`no_reply`); one
+        whose SMTP session broke is reported `failed` (`outcome_unknown`). Neither is
         resent, since it may have gone out."""
         timeout = self.settings.reply.timeout_s
         while True:
@@ -955,20 +958,27 @@ class Service:
             return
         if record is None:
             return
+        fate: Fate
         if not record.outcome_unknown:
-            log.warning("no reply to e-mail %s within %.0f s", mail_id, waited_s)
-            await self.settler.settle([], mails_done=[mail_id])
-            return
-        message = (
-            f"no reply to e-mail {mail_id} within {waited_s:.0f} s after its SMTP session "
-            "broke; it may or may not have been sent, and is not resent"
-        )
-        log.error(message)
-        fate = Fail("outcome_unknown", message, mail_id=mail_id)
+            # The gateway took the e-mail (SMTP 250) and never answered: whether it sent
+            # the messages nobody can tell, so the requests end `unknown`, never resent.
+            message = (
+                f"the gateway did not answer within {waited_s:.0f} s; the message may or "
+                "may not have been delivered"
+            )
+            log.warning("no reply to e-mail %s: %s", mail_id, message)
+            fate = Unknown(NO_REPLY, message, mail_id=mail_id, final=True)
+        else:
+            message = (
+                f"no reply to e-mail {mail_id} within {waited_s:.0f} s after its SMTP "
+                "session broke; it may or may not have been sent, and is not resent"
+            )
+            log.error(message)
+            fate = Fail("outcome_unknown", message, mail_id=mail_id)
         try:
             await self.settler.settle(
                 [(Subject.of_carried(c), fate) for c in record.requests], mails_done=[mail_id]
             )
         except Exception:
-            log.exception("could not report e-mail %s as failed", mail_id)
+            log.exception("could not report the end of e-mail %s", mail_id)
             await self.store.give_back_mail(mail_id)
