@@ -108,6 +108,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.replies_unreadable = Counter(
+            "smsc_replies_unreadable",
+            "Reply e-mails with no answer the worker could read (a copy of each, secrets "
+            "masked, goes to the dead letters)",
+            registry=r,
+        )
         self.reply_parts_mismatch = Counter(
             "smsc_reply_parts_mismatch",
             "OK replies whose SMS count differs from the parts the worker expected for the "

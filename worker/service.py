@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -31,7 +32,15 @@ from opentelemetry.trace import TracerProvider
 from worker.batcher import Batch, Batcher, LineRefused
 from worker.broker import Broker
 from worker.contract import SendRequest
-from worker.delivery import Delivery, ForgedHeaders, HeaderSigner, Provenance, fingerprint
+from worker.delivery import (
+    GATEWAY_ID_HEADER,
+    Delivery,
+    ForgedHeaders,
+    HeaderSigner,
+    Provenance,
+    RequestCopy,
+    fingerprint,
+)
 from worker.errors import InvalidRequest
 from worker.fate import (
     NO_REPLY,
@@ -69,9 +78,12 @@ from worker.protocol.mail import Account, Envelope, MailBuilder
 from worker.protocol.replies import Accepted as AcceptedReply
 from worker.protocol.replies import Reply
 from worker.reply_receiver import (
+    UNREADABLE_REPLY,
     ReplyAddresses,
     ReplyHandler,
     ReplySMTP,
+    UnreadableCopy,
+    masked_mail,
     parse_networks,
     parse_senders,
 )
@@ -254,6 +266,7 @@ class Service:
             allowed_networks=parse_networks(s.reply.allowed_networks),
             allowed_senders=parse_senders(s.reply.allowed_senders),
             refused=self.telemetry.metrics.reply_refused,
+            keep_unreadable=self.keep_unreadable_reply,
         )
         self._reply_server = await serve_smtp(
             handler,
@@ -884,6 +897,29 @@ class Service:
                 raise
         finally:
             self._replies.discard(mail_id)
+
+    async def keep_unreadable_reply(self, copy: UnreadableCopy) -> None:
+        """A reply with no answer that can be read: its raw bytes, the secrets and address
+        tokens masked, go to the dead letters (`x-smsc-error-code: unreadable_reply`),
+        counted and logged once. Its e-mail keeps its record: with no readable reply, it
+        ends `unknown` (`no_reply`) when the reply timeout passes. Raises when the copy was
+        not confirmed, so that the reply is sent again."""
+        tokens = [t for token in copy.tokens for t in (token, token.upper())]
+        raw = masked_mail(copy.raw, [*self.telemetry.mask.secrets, *tokens])
+        kept = RequestCopy(
+            body=raw,
+            headers={GATEWAY_ID_HEADER: ",".join(copy.mail_ids)},
+            message_id=uuid.uuid4().hex,
+            content_type="message/rfc822",
+        )
+        reason = f"unreadable gateway reply from {copy.sender}: {copy.reason}"
+        await self.broker.publish(dead_letters=[(kept, UNREADABLE_REPLY, reason)])
+        self.telemetry.metrics.replies_unreadable.inc()
+        log.error(
+            "%s (to e-mail %s); a copy, secrets masked, is in the dead letters",
+            reason,
+            ", ".join(copy.mail_ids) or "?",
+        )
 
     async def _apply_reply(self, record: MailRecord, reply: Reply) -> None:
         subjects = [Subject.of_carried(c) for c in record.requests]
