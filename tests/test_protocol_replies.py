@@ -369,3 +369,39 @@ def test_a_russian_description_without_a_charset_reads_as_russian(encoding: str)
 def test_a_mail_with_no_answer_is_unreadable(raw: bytes) -> None:
     with pytest.raises(UnreadableReply):
         read_reply(raw)
+
+
+def test_an_answer_only_in_the_html_alternative_is_read() -> None:
+    raw = (
+        b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\n\r\n"
+        b"--b\r\nContent-Type: text/html\r\n\r\n<div>OK&nbsp;- 2 SMS, ID - ab12.</div>\r\n"
+        b"--b--\r\n"
+    )
+    assert read_reply(raw) == Accepted(2, "ab12")
+
+
+def test_an_attached_e_mail_or_attachment_is_not_the_answer() -> None:
+    raw = (
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nERROR = 1 (error in parameters)\r\n"
+        b"--b\r\nContent-Type: message/rfc822\r\n\r\n"
+        b"Subject: old\r\n\r\nOK - 5 SMS, ID - old\r\n"
+        b"--b--\r\n"
+    )
+    assert read_reply(raw) == Rejected(GatewayError.parameters, "error in parameters", None)
+    attached_only = (
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nSee the attachment\r\n"
+        b"--b\r\nContent-Type: text/plain\r\nContent-Disposition: attachment\r\n\r\n"
+        b"OK - 5 SMS, ID - old\r\n"
+        b"--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: old\r\n\r\nOK - 5 SMS, ID - x\r\n"
+        b"--b--\r\n"
+    )
+    with pytest.raises(UnreadableReply):
+        read_reply(attached_only)
+
+
+def test_a_body_of_an_odd_content_type_is_read_as_text() -> None:
+    raw = b"Content-Type: application/octet-stream\r\n\r\nOK - 1 SMS, ID - 7\r\n"
+    assert read_reply(raw) == Accepted(1, "7")

@@ -239,32 +239,45 @@ def html_text(markup: str) -> str:
     return html.unescape(_HTML_TAG.sub("", markup)).replace("\xa0", " ")
 
 
-def _text_part(message: Message) -> tuple[Message, bool] | None:
-    """The part that holds the answer and whether it is HTML: text/plain, else text/html."""
-    parts = list(message.walk()) if message.is_multipart() else [message]
-    for wanted in ("text/plain", "text/html"):
-        for part in parts:
-            if part.get_content_type() == wanted and not part.is_multipart():
-                return part, wanted == "text/html"
-    if not message.is_multipart() and message.get_content_maintype() != "multipart":
-        return message, False  # no or an odd Content-Type: read it as text
-    return None
+def _leaves(message: Message) -> list[Message]:
+    """The e-mail's own parts, not those of an e-mail attached to it (a quoted original or a
+    bounce may carry another e-mail whole), nor attachments."""
+    if message.get_content_maintype() == "message":
+        return []
+    if message.is_multipart():
+        payload = message.get_payload()
+        assert isinstance(payload, list)
+        return [leaf for part in payload if isinstance(part, Message) for leaf in _leaves(part)]
+    if str(message.get("Content-Disposition", "")).strip().lower().startswith("attachment"):
+        return []
+    return [message]
+
+
+def _text_parts(message: Message) -> list[tuple[Message, bool]]:
+    """The parts that may hold the answer, each with whether it is HTML: the text/plain
+    ones, then the text/html ones (an HTML-only reply)."""
+    if not message.is_multipart():  # any other Content-Type (or none) is read as text
+        return [(message, message.get_content_type() == "text/html")]
+    leaves = _leaves(message)
+    return [
+        (part, wanted == "text/html")
+        for wanted in ("text/plain", "text/html")
+        for part in leaves
+        if part.get_content_type() == wanted
+    ]
 
 
 def read_reply(raw: bytes) -> Reply:
-    """The gateway's answer in a whole reply e-mail (headers and body, as received)."""
+    """The gateway's answer in a whole reply e-mail (headers and body, as received): the
+    first text part, in the first reading, that holds one."""
     message = email.message_from_bytes(raw, policy=email.policy.compat32)
-    found = _text_part(message)
-    if found is None:
-        raise UnreadableReply("no text/plain or text/html part in the reply")
-    part, is_html = found
-    payload = part.get_payload(decode=True)
-    if not isinstance(payload, bytes):
-        raise UnreadableReply("the reply has no body")
-    declared = part.get_content_charset()
-    for text in _readings(payload, declared):
-        try:
-            return parse_reply(html_text(text) if is_html else text)
-        except UnreadableReply:
+    for part, is_html in _text_parts(message):
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
             continue
+        for text in _readings(payload, part.get_content_charset()):
+            try:
+                return parse_reply(html_text(text) if is_html else text)
+            except UnreadableReply:
+                continue
     raise UnreadableReply("no 'OK - n SMS, ID - id' or 'ERROR = N (...)' line in the reply")
