@@ -266,6 +266,34 @@ async def test_an_unknown_outcome_without_a_reply_fails_without_a_resend(
     assert emulator.delivered(phone(1), "no answer") == 1
 
 
+async def test_an_e_mail_whose_reply_never_comes_ends_unknown_no_reply(
+    amqp: AmqpSettings,
+) -> None:
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, {"reply_relay": None}, reply={"timeout_s": 1.0}) as (emulator, _),
+    ):
+        request = {"request_id": "unanswered", "to": phone(1), "text": "no reply"}
+        await broker.publish(request)
+        await results.wait_until(lambda: Status.unknown in results.statuses("unanswered"), 20)
+        # Final: the ledger has it answered, so a copy sent again is not resent; its last
+        # event is published again instead.
+        await broker.publish(request)
+        await results.wait_until(lambda: len(results.of("unanswered")) == 3, 20)
+        await asyncio.sleep(1.5)  # another sweep: nothing more comes
+
+    assert results.statuses("unanswered") == [Status.submitted, Status.unknown, Status.unknown]
+    submitted, unknown, replayed = results.of("unanswered")
+    assert unknown.error is not None and unknown.error.code == "no_reply"
+    assert not unknown.error.retryable
+    assert unknown.error.message == (
+        "the gateway did not answer within 1 s; the message may or may not have been delivered"
+    )
+    assert unknown.gateway_id == submitted.gateway_id
+    assert replayed.event_id == unknown.event_id
+    assert emulator.delivered(phone(1), "no reply") == 1
+
+
 async def test_retries_give_up_only_at_the_age_limit_and_dead_letter(amqp: AmqpSettings) -> None:
     retry = RetrySettings(max_age_s=4, base_delay_s=0.5, max_delay_s=1)
     async with (

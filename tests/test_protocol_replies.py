@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
+import html
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,8 +17,10 @@ from worker.protocol.replies import (
     Action,
     GatewayError,
     Rejected,
+    Reply,
     UnreadableReply,
     parse_reply,
+    read_reply,
     render_reply,
 )
 
@@ -144,7 +149,8 @@ def test_render_writes_the_gateway_forms() -> None:
     assert render_reply(Rejected(GatewayError.ip_blocked, "blocked", "5")) == "ERROR = 4 (blocked)"
 
 
-mail_ids = st.from_regex(r"[A-Za-z0-9._-]{1,40}", fullmatch=True)
+# The gateway allows a dot inside an id; a trailing one is read as a full stop.
+mail_ids = st.from_regex(r"[A-Za-z0-9._-]{0,39}[A-Za-z0-9_-]", fullmatch=True)
 descriptions = st.text(
     alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=60
 ).map(str.strip)
@@ -210,3 +216,192 @@ def test_a_number_of_thousands_of_digits_is_unreadable_not_a_crash(body: str) ->
 def test_only_documented_error_numbers_are_metric_labels() -> None:
     assert [gateway_error_label(n) for n in (1, 8, 9)] == ["1", "8", "9"]
     assert {gateway_error_label(n) for n in (0, 10, 42, 10**11)} == {"other"}
+
+
+# Whole reply e-mails, as the gateway and the mail systems in between may send them -------
+
+HEX_IDS = st.from_regex(r"[0-9a-f]{32}", fullmatch=True)
+RUSSIAN = st.sampled_from(
+    ["ошибка в параметрах", "сообщение запрещено (по тексту)", "недостаточно средств", ""]
+)
+
+
+def reply_mail(
+    body: str,
+    *,
+    encoding: str,
+    declared: str | None,
+    transfer: str = "8bit",
+    container: str = "plain",
+    bom: bool = False,
+) -> bytes:
+    """A reply e-mail: `body` written in `encoding`, `declared` in its header (or none)."""
+    import base64
+    import quopri
+
+    def part(content_type: str, text: str) -> bytes:
+        data = (codecs.BOM_UTF8 if bom else b"") + text.encode(encoding, errors="replace")
+        charset = f'; charset="{declared}"' if declared else ""
+        if transfer == "base64":
+            data = base64.encodebytes(data)
+        elif transfer == "quoted-printable":
+            data = quopri.encodestring(data)
+        head = f"Content-Type: {content_type}{charset}\r\nContent-Transfer-Encoding: {transfer}"
+        return head.encode() + b"\r\n\r\n" + data + b"\r\n"
+
+    markup = (
+        "<html><head><style>p {}</style></head><body><p>"
+        + html.escape(body).replace("\n", "<br>")
+        + "</p><blockquote>OK - 99 SMS, ID - quoted</blockquote></body></html>"
+    )
+    top = b"From: gateway@send.smscentre.com\r\nSubject: Re:\r\nMIME-Version: 1.0\r\n"
+    if container == "plain":
+        return top + part("text/plain", body)
+    if container == "html":
+        return top + part("text/html", markup)
+    boundary = b"==b0und=="
+    return (
+        top
+        + b'Content-Type: multipart/alternative; boundary="==b0und=="\r\n\r\n'
+        + b"--"
+        + boundary
+        + b"\r\n"
+        + part("text/plain", body)
+        + b"--"
+        + boundary
+        + b"\r\n"
+        + part("text/html", markup)
+        + b"--"
+        + boundary
+        + b"--\r\n"
+    )
+
+
+@st.composite
+def gateway_replies(draw: st.DrawFn) -> tuple[Reply, str]:
+    """A reply and the text the gateway writes for it, with a full stop or extra fields."""
+    mail_id = draw(HEX_IDS)
+    if draw(st.booleans()):
+        reply: Reply = Accepted(draw(st.integers(0, 10_000)), mail_id)
+    else:
+        error = draw(st.sampled_from(sorted(ERRORS_WITH_ID)))
+        reply = Rejected(error, draw(RUSSIAN), mail_id)
+    tail = draw(st.sampled_from(["", ".", ", balance - 10", ", balance - 10.5 руб.", " ."]))
+    return reply, render_reply(reply) + tail
+
+
+@FAST
+@given(
+    gateway_replies(),
+    st.sampled_from(["koi8-r", "cp1251", "utf-8"]),
+    st.sampled_from(["none", "right", "wrong"]),
+    st.sampled_from(["8bit", "base64", "quoted-printable"]),
+    st.sampled_from(["plain", "html", "multipart"]),
+    st.booleans(),
+    st.sampled_from(["", "\r\n\r\n> 1:secret:abc::0,0,,1::79991234567:привет\r\n"]),
+)
+def test_every_reply_the_gateway_can_send_is_read(
+    written: tuple[Reply, str],
+    encoding: str,
+    declared: str,
+    transfer: str,
+    container: str,
+    bom: bool,
+    quoted: str,
+) -> None:
+    reply, text = written
+    wrong = {"koi8-r": "cp1251", "cp1251": "utf-8", "utf-8": "koi8-r"}[encoding]
+    charset = {"none": None, "right": encoding, "wrong": wrong}[declared]
+    raw = reply_mail(
+        "Ответ шлюза:\n" + text + quoted,
+        encoding=encoding,
+        declared=charset,
+        transfer=transfer,
+        container=container,
+        bom=bom and encoding == "utf-8",
+    )
+    parsed = read_reply(raw)
+    assert type(parsed) is type(reply)
+    assert parsed.mail_id == reply.mail_id
+    if isinstance(reply, Accepted):
+        assert parsed == reply
+    else:
+        assert isinstance(parsed, Rejected)
+        assert parsed.error == reply.error
+        if declared != "wrong":
+            assert parsed.description == reply.description
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("OK - 1 SMS, ID - abc123.", Accepted(1, "abc123")),
+        ("OK - 1 SMS, ID - abc, balance - 10", Accepted(1, "abc")),
+        ("OK - 1 SMS, ID - abc; cost - 1.5", Accepted(1, "abc")),
+        ("ERROR = 6 (denied), ID - abc.", Rejected(GatewayError.message_denied, "denied", "abc")),
+        (
+            "ERROR = 6 (denied (sender)), ID - abc, balance - 3",
+            Rejected(GatewayError.message_denied, "denied (sender)", "abc"),
+        ),
+        ("ERROR = 2 (bad login).", Rejected(GatewayError.credentials, "bad login", None)),
+        ("\ufeffOK - 2 SMS, ID - 9", Accepted(2, "9")),
+    ],
+)
+def test_full_stops_extra_fields_and_a_byte_order_mark(text: str, expected: Reply) -> None:
+    assert read_reply(reply_mail(text, encoding="utf-8", declared="utf-8")) == expected
+
+
+@pytest.mark.parametrize("encoding", ["koi8-r", "cp1251"])
+def test_a_russian_description_without_a_charset_reads_as_russian(encoding: str) -> None:
+    raw = reply_mail("ERROR = 6 (сообщение запрещено), ID - 5", encoding=encoding, declared=None)
+    assert read_reply(raw) == Rejected(GatewayError.message_denied, "сообщение запрещено", "5")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"Subject: x\r\n\r\nThank you for your message",
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+        b"Content-Type: image/png\r\n\r\nxx\r\n--b--\r\n",
+        reply_mail("<p>nothing here</p>", encoding="utf-8", declared=None, container="html"),
+    ],
+)
+def test_a_mail_with_no_answer_is_unreadable(raw: bytes) -> None:
+    with pytest.raises(UnreadableReply):
+        read_reply(raw)
+
+
+def test_an_answer_only_in_the_html_alternative_is_read() -> None:
+    raw = (
+        b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\n\r\n"
+        b"--b\r\nContent-Type: text/html\r\n\r\n<div>OK&nbsp;- 2 SMS, ID - ab12.</div>\r\n"
+        b"--b--\r\n"
+    )
+    assert read_reply(raw) == Accepted(2, "ab12")
+
+
+def test_an_attached_e_mail_or_attachment_is_not_the_answer() -> None:
+    raw = (
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nERROR = 1 (error in parameters)\r\n"
+        b"--b\r\nContent-Type: message/rfc822\r\n\r\n"
+        b"Subject: old\r\n\r\nOK - 5 SMS, ID - old\r\n"
+        b"--b--\r\n"
+    )
+    assert read_reply(raw) == Rejected(GatewayError.parameters, "error in parameters", None)
+    attached_only = (
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nSee the attachment\r\n"
+        b"--b\r\nContent-Type: text/plain\r\nContent-Disposition: attachment\r\n\r\n"
+        b"OK - 5 SMS, ID - old\r\n"
+        b"--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: old\r\n\r\nOK - 5 SMS, ID - x\r\n"
+        b"--b--\r\n"
+    )
+    with pytest.raises(UnreadableReply):
+        read_reply(attached_only)
+
+
+def test_a_body_of_an_odd_content_type_is_read_as_text() -> None:
+    raw = b"Content-Type: application/octet-stream\r\n\r\nOK - 1 SMS, ID - 7\r\n"
+    assert read_reply(raw) == Accepted(1, "7")

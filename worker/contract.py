@@ -282,7 +282,9 @@ class Status(StrEnum):
     failed = "failed"  # the gateway replied with an error, or the worker gave up
     retrying = "retrying"  # a transient failure; it will be tried again
     deferred = "deferred"  # held back to stay within the gateway's limits
-    unknown = "unknown"  # the SMTP session broke after the data was sent
+    # the SMTP session broke after the data was sent (a `failed` or `accepted` follows), or
+    # the gateway never answered (code no_reply: final)
+    unknown = "unknown"
 
 
 class ErrorInfo(BaseModel):

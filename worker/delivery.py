@@ -33,6 +33,8 @@ IN_DOUBT_HEADER = "x-smsc-in-doubt"
 SIGNATURE_HEADER = "x-smsc-signature"
 ERROR_CODE_HEADER = "x-smsc-error-code"
 ERROR_HEADER = "x-smsc-error"
+# On the dead-letter copy of an unreadable reply: the e-mail(s) its address names.
+GATEWAY_ID_HEADER = "x-smsc-gateway-id"
 WORKER_HEADERS = (
     ATTEMPT_HEADER,
     FIRST_SEEN_HEADER,

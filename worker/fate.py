@@ -35,6 +35,9 @@ from worker.smtp_client import Outcome, SubmitResult
 
 log = logging.getLogger(__name__)
 
+# The error code of a final `unknown`: the gateway took the e-mail and never answered.
+NO_REPLY = "no_reply"
+
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
@@ -145,11 +148,13 @@ class Replay:
 @dataclass(frozen=True, slots=True)
 class Unknown:
     """It may have gone out and only a reply (or its timeout) can tell: say so, ack, and
-    never send it again."""
+    never send it again. `final`: nothing more will ever be known (its e-mail's reply never
+    came): the ledger records it answered, and no later event follows."""
 
     code: str
     reason: str
     mail_id: str | None = None
+    final: bool = False
 
 
 @dataclass(frozen=True, slots=True)

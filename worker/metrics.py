@@ -108,6 +108,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.replies_unreadable = Counter(
+            "smsc_replies_unreadable",
+            "Reply e-mails with no answer the worker could read (a copy of each, secrets "
+            "masked, goes to the dead letters)",
+            registry=r,
+        )
+        self.reply_parts_mismatch = Counter(
+            "smsc_reply_parts_mismatch",
+            "OK replies whose SMS count differs from the parts the worker expected for the "
+            "e-mail (the requests are still accepted)",
+            registry=r,
+        )
         self.state_up = Gauge("smsc_state_up", "1 while the shared state store answers", registry=r)
         self.circuit = Gauge(
             "smsc_circuit_state", "1 for the circuit breaker's current state", ["state"], registry=r

@@ -12,7 +12,9 @@ greeting) and only some envelope senders may send. Every refusal changes nothing
 counted (`smsc_replies_refused_total{reason}`) and logged once.
 
 A reply is answered 250 only after its result events are confirmed; otherwise 451, so the
-sending mail server tries again later rather than the reply being lost.
+sending mail server tries again later rather than the reply being lost. A reply that cannot
+be read is answered 250 only once a copy of it is kept (the raw bytes with the secrets and
+the address tokens masked, published as a dead letter), else 451 as well.
 """
 
 from __future__ import annotations
@@ -24,16 +26,81 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from worker.protocol.decode import MalformedMail, body_text
-from worker.protocol.replies import Reply, UnreadableReply, parse_reply
+from worker.logs import MASK
+from worker.protocol.replies import Reply, UnreadableReply, read_reply
 from worker.smtp_server import LimitedSMTP
 
 log = logging.getLogger(__name__)
 
+# The dead-letter code of a reply that could not be read.
+UNREADABLE_REPLY = "unreadable_reply"
+
 ReplySink = Callable[[str, Reply], Awaitable[None]]
 Refused = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableCopy:
+    """A reply that could not be read, as received, and what to mask in it."""
+
+    raw: bytes
+    reason: str
+    sender: str
+    mail_ids: tuple[str, ...]  # the e-mails its (verified) addresses name
+    tokens: tuple[str, ...]  # their address tokens: not to be published
+
+
+KeepUnreadable = Callable[[UnreadableCopy], Awaitable[None]]
+
+# The charsets a secret may be written in inside a reply (the gateway's, and UTF-8).
+_SECRET_CHARSETS = ("utf-8", "koi8-r", "cp1251")
+
+
+def _secret_bytes(secrets: Iterable[str]) -> list[bytes]:
+    found: set[bytes] = set()
+    for secret in secrets:
+        if len(secret) < 3:  # as worker.logs.Masker: shorter values are ordinary text
+            continue
+        for charset in _SECRET_CHARSETS:
+            try:
+                found.add(secret.encode(charset))
+            except UnicodeEncodeError:
+                continue
+    return sorted(found, key=len, reverse=True)
+
+
+def masked_mail(raw: bytes, secrets: Iterable[str]) -> bytes:
+    """`raw` with every secret blanked: where it stands in the bytes (in any charset a
+    reply may use, case-exact), and inside base64 or quoted-printable parts, which are then
+    written again as base64. A reply may quote the send e-mail, password included."""
+    values = _secret_bytes(secrets)
+    mask = MASK.encode()
+
+    def blank(data: bytes) -> bytes:
+        for value in values:
+            data = data.replace(value, mask)
+        return data
+
+    if not values:
+        return raw
+    raw = blank(raw)
+    message = email.message_from_bytes(raw, policy=email.policy.compat32)
+    changed = False
+    for part in message.walk():
+        encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+        if part.is_multipart() or encoding not in ("base64", "quoted-printable"):
+            continue
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes) or blank(payload) == payload:
+            continue
+        part.set_payload(base64.encodebytes(blank(payload)).decode("ascii"))
+        part.replace_header("Content-Transfer-Encoding", "base64")
+        changed = True
+    return blank(message.as_bytes()) if changed else raw
+
 
 # RFC 5321: a local part is at most 64 octets.
 LOCAL_PART_MAX = 64
@@ -137,7 +204,9 @@ class ReplyHandler:
         allowed_networks: Iterable[Network] = (),
         allowed_senders: Iterable[str] = (),
         refused: Refused | None = None,
+        keep_unreadable: KeepUnreadable | None = None,
     ) -> None:
+        self._keep_unreadable = keep_unreadable
         self._addresses = addresses
         self._sink = sink
         self._networks = tuple(allowed_networks)
@@ -189,13 +258,10 @@ class ReplyHandler:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         raw = envelope.original_content or envelope.content
-        message = email.message_from_bytes(raw, policy=email.policy.compat32)
         try:
-            text, _ = body_text(message, "utf-8")
-            reply = parse_reply(text)
-        except (MalformedMail, UnreadableReply) as exc:
-            log.error("unreadable gateway reply from %s: %s", envelope.mail_from, exc)
-            return "250 OK (unreadable reply logged)"
+            reply = read_reply(raw)
+        except UnreadableReply as exc:
+            return await self._unreadable(raw, str(exc), envelope)
         # Every recipient verified at RCPT: these are the e-mails the reply may answer.
         addressed: set[str] = set()
         for address in envelope.rcpt_tos:
@@ -222,6 +288,29 @@ class ReplyHandler:
             log.exception("could not record the reply for e-mail %s", mail_id)
             return "451 4.3.0 reply not recorded, try again later"
         return "250 OK"
+
+    async def _unreadable(self, raw: bytes, reason: str, envelope: Any) -> str:
+        """Keep a copy of a reply that could not be read, then answer 250; 451 when the
+        copy could not be kept, so that the reply comes again rather than be lost."""
+        mail_ids: set[str] = set()
+        tokens: set[str] = set()
+        for address in envelope.rcpt_tos:
+            mail_id, _ = self._addresses.read(address)
+            if mail_id is not None:
+                mail_ids.add(mail_id)
+                tokens.add(address.rpartition("@")[0].rpartition(TOKEN_SEPARATOR)[2])
+        if self._keep_unreadable is None:
+            log.error("unreadable gateway reply from %s: %s", envelope.mail_from, reason)
+            return "250 OK (unreadable reply logged)"
+        copy = UnreadableCopy(
+            raw, reason, str(envelope.mail_from), tuple(sorted(mail_ids)), tuple(sorted(tokens))
+        )
+        try:
+            await self._keep_unreadable(copy)
+        except Exception:
+            log.exception("could not keep a copy of an unreadable reply to %s", sorted(mail_ids))
+            return "451 4.3.0 reply not recorded, try again later"
+        return "250 OK (unreadable reply kept)"
 
 
 class ReplySMTP(LimitedSMTP):

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -31,9 +32,18 @@ from opentelemetry.trace import TracerProvider
 from worker.batcher import Batch, Batcher, LineRefused
 from worker.broker import Broker
 from worker.contract import SendRequest
-from worker.delivery import Delivery, ForgedHeaders, HeaderSigner, Provenance, fingerprint
+from worker.delivery import (
+    GATEWAY_ID_HEADER,
+    Delivery,
+    ForgedHeaders,
+    HeaderSigner,
+    Provenance,
+    RequestCopy,
+    fingerprint,
+)
 from worker.errors import InvalidRequest
 from worker.fate import (
+    NO_REPLY,
     Accepted,
     Fail,
     Fate,
@@ -41,6 +51,7 @@ from worker.fate import (
     Reject,
     Requeue,
     Subject,
+    Unknown,
     after_error,
     after_submission,
     from_verdict,
@@ -67,9 +78,12 @@ from worker.protocol.mail import Account, Envelope, MailBuilder
 from worker.protocol.replies import Accepted as AcceptedReply
 from worker.protocol.replies import Reply
 from worker.reply_receiver import (
+    UNREADABLE_REPLY,
     ReplyAddresses,
     ReplyHandler,
     ReplySMTP,
+    UnreadableCopy,
+    masked_mail,
     parse_networks,
     parse_senders,
 )
@@ -252,6 +266,7 @@ class Service:
             allowed_networks=parse_networks(s.reply.allowed_networks),
             allowed_senders=parse_senders(s.reply.allowed_senders),
             refused=self.telemetry.metrics.reply_refused,
+            keep_unreadable=self.keep_unreadable_reply,
         )
         self._reply_server = await serve_smtp(
             handler,
@@ -883,6 +898,29 @@ class Service:
         finally:
             self._replies.discard(mail_id)
 
+    async def keep_unreadable_reply(self, copy: UnreadableCopy) -> None:
+        """A reply with no answer that can be read: its raw bytes, the secrets and address
+        tokens masked, go to the dead letters (`x-smsc-error-code: unreadable_reply`),
+        counted and logged once. Its e-mail keeps its record: with no readable reply, it
+        ends `unknown` (`no_reply`) when the reply timeout passes. Raises when the copy was
+        not confirmed, so that the reply is sent again."""
+        tokens = [t for token in copy.tokens for t in (token, token.upper())]
+        raw = masked_mail(copy.raw, [*self.telemetry.mask.secrets, *tokens])
+        kept = RequestCopy(
+            body=raw,
+            headers={GATEWAY_ID_HEADER: ",".join(copy.mail_ids)},
+            message_id=uuid.uuid4().hex,
+            content_type="message/rfc822",
+        )
+        reason = f"unreadable gateway reply from {copy.sender}: {copy.reason}"
+        await self.broker.publish(dead_letters=[(kept, UNREADABLE_REPLY, reason)])
+        self.telemetry.metrics.replies_unreadable.inc()
+        log.error(
+            "%s (to e-mail %s); a copy, secrets masked, is in the dead letters",
+            reason,
+            ", ".join(copy.mail_ids) or "?",
+        )
+
     async def _apply_reply(self, record: MailRecord, reply: Reply) -> None:
         subjects = [Subject.of_carried(c) for c in record.requests]
         if isinstance(reply, AcceptedReply):
@@ -890,6 +928,7 @@ class Service:
             if self.circuit_view != CircuitView.closed:
                 log.info("circuit closed")
             self.circuit_view = CircuitView.closed
+            self._compare_parts(record, reply)
             fates: Iterable[Fate] = [Accepted(record.mail_id)] * len(subjects)
         else:
             plan = after_error(
@@ -917,9 +956,24 @@ class Service:
             list(zip(subjects, fates, strict=True)), mails_done=[record.mail_id]
         )
 
+    def _compare_parts(self, record: MailRecord, reply: AcceptedReply) -> None:
+        """`OK - n SMS` against the parts the worker counted for the e-mail (parts times
+        recipients, summed): a difference is logged and counted, and the requests are still
+        accepted (the gateway has taken them; its count is what it charges). A record
+        without a count (0) is not compared."""
+        if record.sms_parts and reply.sms_count != record.sms_parts:
+            self.telemetry.metrics.reply_parts_mismatch.inc()
+            log.warning(
+                "e-mail %s: the gateway counted %d SMS, the worker expected %d",
+                record.mail_id,
+                reply.sms_count,
+                record.sms_parts,
+            )
+
     async def _expire_unanswered(self) -> None:
-        """A reply that never comes must not keep a record forever. An e-mail that was
-        accepted stays `submitted`; one whose fate is unknown is reported `failed`, never
+        """A reply that never comes must not keep a record forever, nor its requests
+        `submitted`: an e-mail the gateway took (SMTP 250) ends `unknown` (`no_reply`); one
+        whose SMTP session broke is reported `failed` (`outcome_unknown`). Neither is
         resent, since it may have gone out."""
         timeout = self.settings.reply.timeout_s
         while True:
@@ -940,20 +994,27 @@ class Service:
             return
         if record is None:
             return
+        fate: Fate
         if not record.outcome_unknown:
-            log.warning("no reply to e-mail %s within %.0f s", mail_id, waited_s)
-            await self.settler.settle([], mails_done=[mail_id])
-            return
-        message = (
-            f"no reply to e-mail {mail_id} within {waited_s:.0f} s after its SMTP session "
-            "broke; it may or may not have been sent, and is not resent"
-        )
-        log.error(message)
-        fate = Fail("outcome_unknown", message, mail_id=mail_id)
+            # The gateway took the e-mail (SMTP 250) and never answered: whether it sent
+            # the messages nobody can tell, so the requests end `unknown`, never resent.
+            message = (
+                f"the gateway did not answer within {waited_s:.0f} s; the message may or "
+                "may not have been delivered"
+            )
+            log.warning("no reply to e-mail %s: %s", mail_id, message)
+            fate = Unknown(NO_REPLY, message, mail_id=mail_id, final=True)
+        else:
+            message = (
+                f"no reply to e-mail {mail_id} within {waited_s:.0f} s after its SMTP "
+                "session broke; it may or may not have been sent, and is not resent"
+            )
+            log.error(message)
+            fate = Fail("outcome_unknown", message, mail_id=mail_id)
         try:
             await self.settler.settle(
                 [(Subject.of_carried(c), fate) for c in record.requests], mails_done=[mail_id]
             )
         except Exception:
-            log.exception("could not report e-mail %s as failed", mail_id)
+            log.exception("could not report the end of e-mail %s", mail_id)
             await self.store.give_back_mail(mail_id)

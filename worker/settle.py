@@ -252,7 +252,7 @@ class Settler:
             provenance = Provenance(attempt, subject.first_seen or now, fate.group, fate.in_doubt)
             headers = self._signer.headers(subject.copy.body, provenance)
             plan.delays.append((subject.copy, fate.wait, headers))
-        if isinstance(fate, Unknown) and fate.mail_id is not None:
+        if isinstance(fate, Unknown) and fate.mail_id is not None and not fate.final:
             plan.unknown_mails.add(fate.mail_id)
         if isinstance(fate, Submitted) and fate.unknown:
             plan.unknown_mails.add(fate.mail_id)
@@ -262,7 +262,11 @@ class Settler:
             assert event is not None
             plan.finish_sent[rid] = (fate.mail_id, body, fingerprint(subject.copy.body))
             plan.submitted.append(subject)
-        elif isinstance(fate, Accepted) or (isinstance(fate, Fail) and fate.mail_id):
+        elif (
+            isinstance(fate, Accepted)
+            or (isinstance(fate, Fail) and fate.mail_id)
+            or (isinstance(fate, Unknown) and fate.final)
+        ):
             assert event is not None
             plan.finish_answered[rid] = (body, fingerprint(subject.copy.body))
         elif isinstance(fate, Reject | Later | Fail):

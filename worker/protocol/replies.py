@@ -3,9 +3,15 @@ and what each error number asks of the client (the table in NOTES.md)."""
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import email
+import email.policy
+import html
 import re
 import unicodedata
 from dataclasses import dataclass
+from email.message import Message
 from enum import IntEnum, StrEnum
 
 
@@ -101,13 +107,23 @@ class UnreadableReply(ValueError):
 # stripped): a search inside a line would read "BOOK - 2 SMS, ID - 5" as an answer. The
 # description runs to the last ")" that still leaves a valid ending, so a description that
 # itself holds parentheses keeps both its text and the ID after it.
-_ID = r"((?-i:[A-Za-z0-9._-])+)"  # case-exact: no Kelvin sign for a K
+# An id never ends with a full stop: "ID - abc123." is abc123 and a full stop (this worker's
+# ids are 32 hex characters; the gateway allows a dot inside an id, as in "abc.1").
+_ID = r"((?-i:[A-Za-z0-9._-])*(?-i:[A-Za-z0-9_-]))\.*"  # case-exact: no Kelvin sign for a K
+# What may follow the ID: nothing, or a blank, "," or ";" and then anything (extra fields
+# such as ", balance - 10").
+_AFTER_ID = r"(?:[\s,;.].*)?"
 # Numbers of at most 12 digits: int() of thousands of digits raises (and costs).
-_OK = re.compile(rf"OK\s*-\s*(\d{{1,12}})\s*SMS\s*,\s*ID\s*-\s*{_ID}", re.IGNORECASE)
-_ERROR = re.compile(
-    rf"ERROR\s*=\s*(\d{{1,12}})\s*(?:\((.*)\))?\s*(?:,\s*ID\s*-\s*{_ID})?",
+_OK = re.compile(rf"OK\s*-\s*(\d{{1,12}})\s*SMS\s*,\s*ID\s*-\s*{_ID}{_AFTER_ID}", re.IGNORECASE)
+# An error with an ID: the description ends at the first ")" followed by ", ID - <id>", so
+# that extra fields after the ID cannot pull it further.
+_ERROR_WITH_ID = re.compile(
+    rf"ERROR\s*=\s*(\d{{1,12}})\s*(?:\((.*?)\))?\s*,\s*ID\s*-\s*{_ID}{_AFTER_ID}",
     re.IGNORECASE,
 )
+# An error without one: the description runs to the last ")", anything after a blank, ",",
+# ";" or "." (a full stop, extra fields) ignored.
+_ERROR = re.compile(rf"ERROR\s*=\s*(\d{{1,12}})\s*(?:\((.*)\))?{_AFTER_ID}", re.IGNORECASE)
 # A description goes into logs and result events: whatever a reply holds, at most this
 # many characters of it, control characters blanked.
 DESCRIPTION_LIMIT = 200
@@ -141,14 +157,16 @@ def parse_reply(body: str) -> Reply:
         ok = _OK.fullmatch(line)
         if ok:
             return Accepted(sms_count=int(ok.group(1)), mail_id=ok.group(2))
-        error = _ERROR.fullmatch(line)
+        error = _ERROR_WITH_ID.fullmatch(line) or _ERROR.fullmatch(line)
         if error:
             number = int(error.group(1))
             known: GatewayError | int = (
                 GatewayError(number) if number in GatewayError._value2member_map_ else number
             )
             return Rejected(
-                error=known, description=_description(error.group(2) or ""), mail_id=error.group(3)
+                error=known,
+                description=_description(error.group(2) or ""),
+                mail_id=error.group(3) if error.re is _ERROR_WITH_ID else None,
             )
     raise UnreadableReply("no 'OK - n SMS, ID - id' or 'ERROR = N (...)' line in the reply")
 
@@ -161,3 +179,105 @@ def render_reply(reply: Reply) -> str:
     if reply.mail_id is not None and reply.error in ERRORS_WITH_ID:
         text += f", ID - {reply.mail_id}"
     return text
+
+
+# Reading a whole reply e-mail -------------------------------------------------------------
+#
+# The answer's structure is ASCII, but the text around it may be Russian in koi8-r or cp1251,
+# with no charset declared or a wrong one. So the body is tried in several readings, the
+# declared charset first, and the first reading that holds an answer line wins: a body the
+# declared charset cannot decode (or decodes into something without an answer) is still read.
+
+_BOMS = (
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+# cp1251 and koi8-r put upper and lower case Cyrillic letters in swapped halves of 0xC0-0xFF:
+# of the two readings, the one with more lowercase letters is the likelier (prose is mostly
+# lowercase). It only decides how the description reads; the answer is ASCII either way.
+_CYRILLIC = ("cp1251", "koi8-r")
+
+
+def _lowercase_cyrillic(text: str) -> int:
+    return sum(1 for c in text if "а" <= c <= "я" or c == "ё")
+
+
+def _readings(payload: bytes, declared: str | None) -> list[str]:
+    """The body's text in each plausible charset, the likeliest first."""
+    for bom, codec in _BOMS:
+        if payload.startswith(bom):
+            payload = payload[len(bom) :]
+            try:
+                return [payload.decode(codec)]
+            except UnicodeDecodeError:
+                break  # a BOM and then something else: read it like any other body
+    readings: list[str] = []
+    for codec in dict.fromkeys(c for c in (declared, "utf-8") if c):
+        # Swallowed here: a UnicodeDecodeError holds the whole body, and the body may quote
+        # the send e-mail, password included.
+        with contextlib.suppress(LookupError, UnicodeDecodeError):
+            readings.append(payload.decode(codec))
+    cyrillic = [payload.decode(c, errors="replace") for c in _CYRILLIC]
+    readings.extend(sorted(cyrillic, key=_lowercase_cyrillic, reverse=True))
+    return [r.lstrip("\ufeff") for r in readings]
+
+
+_HTML_DROPPED = re.compile(
+    r"<(head|style|script|blockquote)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL
+)
+_HTML_BREAK = re.compile(r"<\s*(br|/?p|/?div|/?tr|/?li|/?h\d)\b[^>]*>", re.IGNORECASE)
+_HTML_TAG = re.compile(r"<[^>]*>")
+
+
+def html_text(markup: str) -> str:
+    """The visible text of an HTML reply, a line per block, the quoted original dropped."""
+    markup = _HTML_DROPPED.sub("", markup)
+    markup = _HTML_BREAK.sub("\n", markup)
+    return html.unescape(_HTML_TAG.sub("", markup)).replace("\xa0", " ")
+
+
+def _leaves(message: Message) -> list[Message]:
+    """The e-mail's own parts, not those of an e-mail attached to it (a quoted original or a
+    bounce may carry another e-mail whole), nor attachments."""
+    if message.get_content_maintype() == "message":
+        return []
+    if message.is_multipart():
+        payload = message.get_payload()
+        assert isinstance(payload, list)
+        return [leaf for part in payload if isinstance(part, Message) for leaf in _leaves(part)]
+    if str(message.get("Content-Disposition", "")).strip().lower().startswith("attachment"):
+        return []
+    return [message]
+
+
+def _text_parts(message: Message) -> list[tuple[Message, bool]]:
+    """The parts that may hold the answer, each with whether it is HTML: the text/plain
+    ones, then the text/html ones (an HTML-only reply)."""
+    if not message.is_multipart():  # any other Content-Type (or none) is read as text
+        return [(message, message.get_content_type() == "text/html")]
+    leaves = _leaves(message)
+    return [
+        (part, wanted == "text/html")
+        for wanted in ("text/plain", "text/html")
+        for part in leaves
+        if part.get_content_type() == wanted
+    ]
+
+
+def read_reply(raw: bytes) -> Reply:
+    """The gateway's answer in a whole reply e-mail (headers and body, as received): the
+    first text part, in the first reading, that holds one."""
+    message = email.message_from_bytes(raw, policy=email.policy.compat32)
+    for part, is_html in _text_parts(message):
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            continue
+        for text in _readings(payload, part.get_content_charset()):
+            try:
+                return parse_reply(html_text(text) if is_html else text)
+            except UnreadableReply:
+                continue
+    raise UnreadableReply("no 'OK - n SMS, ID - id' or 'ERROR = N (...)' line in the reply")
