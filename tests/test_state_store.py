@@ -32,6 +32,7 @@ from worker.ledger import (
     Intake,
     MailBusy,
     MailRecord,
+    SplitNotes,
     StateStore,
     StateUnavailable,
     VerdictKind,
@@ -474,6 +475,37 @@ async def test_unanswered_mails_and_unknown_outcomes(make: MakeHarness) -> None:
 # -- several replicas (Redis) -----------------------------------------------------------
 
 
+async def test_a_split_grants_halves_within_its_allowance_until_one_gets_through(
+    make: MakeHarness,
+) -> None:
+    harness = await make()
+    store = await harness.store()
+
+    async def fail(root: str = "root", ttl: float = 60) -> SplitNotes:
+        return await store.note_split(root, failed=True, allowance=4, ttl=ttl)
+
+    assert await fail() == SplitNotes(1, 0, True)
+    assert await fail() == SplitNotes(2, 0, True)
+    assert await fail() == SplitNotes(3, 0, False)
+    # An e-mail through: the cause is a line's own, and the search goes on.
+    await store.note_split("root", failed=False, allowance=4, ttl=60)
+    assert await fail() == SplitNotes(4, 1, True)
+    assert await fail() == SplitNotes(5, 1, True)
+    # Other splits are apart, and a split is forgotten after its ttl.
+    assert await fail("other") == SplitNotes(1, 0, True)
+    await fail("brief", ttl=0.2)
+    await fail("brief", ttl=0.2)
+    await harness.advance(0.4)
+    assert await fail("brief", ttl=0.2) == SplitNotes(1, 0, True)
+
+
+async def test_replicas_count_one_split(make_redis: MakeHarness) -> None:
+    harness = await make_redis()
+    a, b = await harness.store(), await harness.store()
+    await a.note_split("root", failed=True, allowance=2, ttl=60)
+    assert await b.note_split("root", failed=True, allowance=2, ttl=60) == SplitNotes(2, 0, False)
+
+
 async def test_a_live_replica_holds_its_claims_and_a_dead_ones_lapse(
     make_redis: MakeHarness,
 ) -> None:
@@ -611,6 +643,7 @@ async def test_every_key_carries_the_account_tag_and_a_ttl(make_redis: MakeHarne
     await store.mark_unknown("m1")
     await store.open_circuit("blocked", None)
     await store.stop_account("stopped")
+    await store.note_split("m1", failed=True, allowance=10, ttl=60)
     await store.heartbeat()
 
     client = redis.asyncio.Redis.from_url(REDIS_URL, decode_responses=True)
@@ -621,7 +654,7 @@ async def test_every_key_carries_the_account_tag_and_a_ttl(make_redis: MakeHarne
         await client.aclose()
     kinds = {k.split(":")[1] for k in ttls}
     assert {"gen", "reset", "owner", "entry", "mail", "taken", "unanswered", "window"} <= kinds
-    assert {"streak", "pace", "circuit", "stopped"} <= kinds
+    assert {"streak", "pace", "circuit", "stopped", "split"} <= kinds
     assert all(k.startswith("{acme}:") for k in ttls), ttls
     assert ttls.pop("{acme}:gen") == -1
     assert all(ttl > 0 for ttl in ttls.values()), ttls

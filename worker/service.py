@@ -50,6 +50,7 @@ from worker.fate import (
     Later,
     Reject,
     Requeue,
+    Split,
     Subject,
     Unknown,
     after_error,
@@ -67,6 +68,7 @@ from worker.ledger import (
     Intake,
     MailBusy,
     MailRecord,
+    SplitNotes,
     StateStore,
     StateUnavailable,
 )
@@ -76,7 +78,7 @@ from worker.prepare import BatchKey, PreparedRequest, check_not_expired, prepare
 from worker.protocol.fields import new_mail_id
 from worker.protocol.mail import Account, Envelope, MailBuilder
 from worker.protocol.replies import Accepted as AcceptedReply
-from worker.protocol.replies import Reply
+from worker.protocol.replies import Action, Rejected, Reply
 from worker.reply_receiver import (
     UNREADABLE_REPLY,
     ReplyAddresses,
@@ -150,6 +152,7 @@ class Pending:
             first_seen=self.first_seen,
             content_key=self.prepared.content_key,
             sms_parts=self.prepared.sms_parts,
+            group=self.provenance.group,
             claimed=claimed,
         )
 
@@ -764,6 +767,7 @@ class Service:
                 time.time(),
                 sms_parts=sum(p.prepared.sms_count for p in live),
                 trace=self.telemetry.carrier(),
+                group=live[0].provenance.group,
             )
             try:
                 gate = await self.store.begin_sending(record)
@@ -922,17 +926,24 @@ class Service:
         )
 
     async def _apply_reply(self, record: MailRecord, reply: Reply) -> None:
-        subjects = [Subject.of_carried(c) for c in record.requests]
+        subjects = [Subject.of_carried(c, record.group) for c in record.requests]
         if isinstance(reply, AcceptedReply):
             await self.store.close_circuit()
             if self.circuit_view != CircuitView.closed:
                 log.info("circuit closed")
             self.circuit_view = CircuitView.closed
             self._compare_parts(record, reply)
+            await self._note_split(record, reply)
             fates: Iterable[Fate] = [Accepted(record.mail_id)] * len(subjects)
         else:
+            split, notes = await self._note_split(record, reply)
             plan = after_error(
-                reply, record.mail_id, len(subjects), self.settings.limits.identical_window_s
+                reply,
+                record.mail_id,
+                len(subjects),
+                self.settings.limits.identical_window_s,
+                split,
+                notes,
             )
             log.warning(
                 "e-mail %s: gateway error %s -> %s",
@@ -955,6 +966,28 @@ class Service:
         await self.settler.settle(
             list(zip(subjects, fates, strict=True)), mails_done=[record.mail_id]
         )
+
+    async def _note_split(
+        self, record: MailRecord, reply: Reply
+    ) -> tuple[Split | None, SplitNotes | None]:
+        """For an e-mail of a split, or one refused for an error one line can cause: count
+        its answer in the split (any replica may have sent its other e-mails) and, for a
+        failure, whether it may be halved."""
+        failed = isinstance(reply, Rejected)
+        if isinstance(reply, Rejected) and (
+            reply.action != Action.find_bad_line or len(record.requests) == 1
+        ):
+            return None, None
+        split = Split.of(record.group, record.mail_id, len(record.requests))
+        if not failed and not split.path:
+            return None, None
+        notes = await self.store.note_split(
+            split.root,
+            failed=failed,
+            allowance=split.allowance,
+            ttl=self.settings.limits.dedup_ttl_s,
+        )
+        return split, notes
 
     def _compare_parts(self, record: MailRecord, reply: AcceptedReply) -> None:
         """`OK - n SMS` against the parts the worker counted for the e-mail (parts times

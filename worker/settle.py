@@ -249,7 +249,9 @@ class Settler:
             plan.dead.append((subject.copy, fate.code, fate.reason))
         if isinstance(fate, Later):
             attempt = subject.attempt + 1 if fate.next_attempt else subject.attempt
-            provenance = Provenance(attempt, subject.first_seen or now, fate.group, fate.in_doubt)
+            provenance = Provenance(
+                attempt, subject.first_seen or now, fate.group or subject.group, fate.in_doubt
+            )
             headers = self._signer.headers(subject.copy.body, provenance)
             plan.delays.append((subject.copy, fate.wait, headers))
         if isinstance(fate, Unknown) and fate.mail_id is not None and not fate.final:

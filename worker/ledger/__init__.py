@@ -117,6 +117,8 @@ class MailRecord:
     # The SMTP session broke after the data went out, or the process sending it died: only
     # a reply can tell what happened.
     outcome_unknown: bool = False
+    # The split its requests travel in (`worker.fate.Split.group`), or "".
+    group: str = ""
 
     def dumps(self) -> str:
         return json.dumps(
@@ -127,6 +129,7 @@ class MailRecord:
                 "sms_parts": self.sms_parts,
                 "trace": dict(self.trace),
                 "outcome_unknown": self.outcome_unknown,
+                "group": self.group,
             },
             separators=(",", ":"),
         )
@@ -141,6 +144,8 @@ class MailRecord:
             sms_parts=data["sms_parts"],
             trace=data["trace"],
             outcome_unknown=data["outcome_unknown"],
+            # Records written before splits were recorded have none.
+            group=data.get("group", ""),
         )
 
 
@@ -176,6 +181,17 @@ class Finish:
     refunds: Sequence[str] = ()
     # e-mails that are settled: their records are dropped.
     mails_done: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SplitNotes:
+    """What the ledger knows of a split (`worker.fate.Split`) once one of its e-mails
+    failed: how many of its e-mails failed and got through so far, on any replica, and
+    whether its budget had room for two more e-mails (taken if so)."""
+
+    failed: int = 1
+    succeeded: int = 0
+    granted: bool = True
 
 
 class CircuitView(StrEnum):
@@ -223,6 +239,14 @@ class StateStore(Protocol):
 
     async def unanswered(self, older_than: float) -> list[str]:
         """Ids of e-mails submitted before `older_than` (wall time) with no reply yet."""
+
+    async def note_split(
+        self, root: str, *, failed: bool, allowance: int, ttl: float
+    ) -> SplitNotes:
+        """An e-mail of the split that began with e-mail `root` was answered: count it, and
+        for a failure take two e-mails (its halves) while the split has sent at most
+        `allowance`, or without limit once one of its e-mails got through. Replicas share
+        the counts; the split is forgotten `ttl` seconds after its last answer."""
 
     async def open_circuit(self, reason: str, pause: float | None) -> float:
         """Pause all sending of the account; None doubles the last pause (capped)."""

@@ -16,6 +16,7 @@ from worker.ledger import (
     GateKind,
     Intake,
     MailRecord,
+    SplitNotes,
     Verdict,
     VerdictKind,
 )
@@ -30,6 +31,14 @@ class _Entry:
     at: float
     mail_id: str | None = None
     event: str | None = None
+
+
+@dataclass(slots=True)
+class _Split:
+    failed: int = 0
+    succeeded: int = 0
+    mails: int = 0
+    until: float = 0.0
 
 
 class MemoryStateStore:
@@ -52,6 +61,7 @@ class MemoryStateStore:
         self._ledger: dict[str, _Entry] = {}
         self._mails: dict[str, MailRecord] = {}
         self._taken: set[str] = set()
+        self._splits: dict[str, _Split] = {}
 
     async def start(self) -> None:
         pass
@@ -179,6 +189,22 @@ class MemoryStateStore:
             for r in self._mails.values()
             if r.submitted_at < older_than and r.mail_id not in self._taken
         ]
+
+    async def note_split(
+        self, root: str, *, failed: bool, allowance: int, ttl: float
+    ) -> SplitNotes:
+        now = self._clock()
+        for stale in [r for r, s in self._splits.items() if s.until <= now]:
+            del self._splits[stale]
+        split = self._splits.setdefault(root, _Split())
+        split.until = now + ttl
+        if not failed:
+            split.succeeded += 1
+            return SplitNotes(split.failed, split.succeeded, False)
+        split.failed += 1
+        granted = split.succeeded > 0 or split.mails + 2 <= allowance
+        split.mails += 2 if granted else 0
+        return SplitNotes(split.failed, split.succeeded, granted)
 
     async def open_circuit(self, reason: str, pause: float | None) -> float:
         return self._circuit.open(reason, pause, self._clock())

@@ -16,6 +16,7 @@ account's keys in one slot, so the scripts work on Redis Cluster too:
 | `window:<content key>` | sorted set of admission times | `identical_window_s` |
 | `streak:<subscriber>` | hash: last, n | `subscriber_gap_s` |
 | `pace:mails`, `pace:parts` | GCRA theoretical arrival time | at most 2 s |
+| `split:<root mail id>` | hash: failed, ok, mails (a bad-line search) | `dedup_ttl_s` |
 | `circuit` | hash: open_until, pause, probe_until, reason | pause + 1 day |
 | `stopped` | why the account was stopped | 1 day |
 | `owner:<owner>` | this replica is alive | `owner_ttl_s` (heartbeat) |
@@ -56,6 +57,7 @@ from worker.ledger import (
     Intake,
     MailBusy,
     MailRecord,
+    SplitNotes,
     StateUnavailable,
     Verdict,
     VerdictKind,
@@ -84,6 +86,7 @@ _SCRIPTS = (
     "unanswered",
     "open_circuit",
     "circuit",
+    "split",
 )
 
 
@@ -378,6 +381,13 @@ class RedisStateStore:
 
     async def unanswered(self, older_than: float) -> list[str]:
         return list(await self._call("unanswered", repr(older_than)))
+
+    async def note_split(
+        self, root: str, *, failed: bool, allowance: int, ttl: float
+    ) -> SplitNotes:
+        outcome = "failed" if failed else "ok"
+        found = await self._call("split", root, outcome, allowance, _ms(ttl))
+        return SplitNotes(int(found[0]), int(found[1]), bool(found[2]))
 
     # -- the account ------------------------------------------------------------------
 
