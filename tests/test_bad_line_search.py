@@ -222,3 +222,44 @@ def search_bound(emulator: Emulator) -> int:
             bound += 1 + allowance(len(mail.decoded.body.lines))
         seen |= phones
     return bound
+
+
+async def test_a_search_that_trips_the_ip_block_waits_at_the_circuit_and_still_finishes(
+    amqp: AmqpSettings,
+) -> None:
+    ids = [f"line-{n}" for n in range(32)]
+    texts = {r: "buy cheap pills" if r == "line-5" else f"hello {n}" for n, r in enumerate(ids)}
+    gateway = {"denied_words": ("pills",), "block_after_errors": 3, "block_for_s": 2.0}
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(
+            amqp,
+            gateway,
+            batch=BatchSettings(max_wait_ms=300),
+            limits=WORKER_LIMITS,
+            retry=FAST_RETRY,
+        ) as (emulator, _),
+    ):
+        await asyncio.gather(
+            *(
+                broker.publish({"request_id": r, "to": phone(n), "text": texts[r]})
+                for n, r in enumerate(ids)
+            )
+        )
+        good = [r for r in ids if r != "line-5"]
+        await results.wait_until(
+            lambda: (
+                all(Status.accepted in results.statuses(r) for r in good)
+                and Status.failed in results.statuses("line-5")
+            ),
+            90,
+        )
+
+    [failed] = results.with_status(Status.failed)
+    assert failed.request_id == "line-5"
+    assert emulator.errors[4] >= 1
+    # At the open circuit the search waits: one probe per pause, not its halves in a row.
+    assert emulator.errors[4] <= 4, emulator.errors
+    assert Counter(d.recipient for d in emulator.deliveries) == Counter(
+        phone(n) for n in range(32) if n != 5
+    )
