@@ -226,22 +226,36 @@ async def test_frequent_errors_block_the_ip_with_error_4() -> None:
     assert emu.delivered(PHONE, "fine") == 1
 
 
-async def test_third_identical_request_in_a_minute_is_error_9_even_with_a_new_id() -> None:
+async def test_second_identical_request_in_a_minute_is_error_9_even_with_a_new_id() -> None:
     clock = ManualClock()
     async with emulator_with_sink(clock=clock) as (emu, sink):
-        for n in range(3):
+        for n in range(2):
             await send_mail(emu, single("same text", mail_id=str(n + 1)))
             clock.advance(1)
         clock.advance(60)
-        await send_mail(emu, single("same text", mail_id="4"))
-        replies = await sink.wait_for(4)
+        await send_mail(emu, single("same text", mail_id="3"))
+        replies = await sink.wait_for(3)
+    assert [r.text for r in replies] == [
+        "OK - 1 SMS, ID - 1",
+        "ERROR = 9 (duplicate request)",
+        "OK - 1 SMS, ID - 3",
+    ]
+    assert emu.delivered(PHONE, "same text") == 2
+
+
+async def test_identical_copies_per_window_can_be_raised_to_the_seeds_two() -> None:
+    clock = ManualClock()
+    async with emulator_with_sink(clock=clock, identical_copies=2) as (emu, sink):
+        for n in range(3):
+            await send_mail(emu, single("same text", mail_id=str(n + 1)))
+            clock.advance(1)
+        replies = await sink.wait_for(3)
     assert [r.text for r in replies] == [
         "OK - 1 SMS, ID - 1",
         "OK - 1 SMS, ID - 2",
         "ERROR = 9 (duplicate request)",
-        "OK - 1 SMS, ID - 4",
     ]
-    assert emu.delivered(PHONE, "same text") == 3
+    assert emu.delivered(PHONE, "same text") == 2
 
 
 async def test_flood_rule_holds_back_the_51st_message_and_delivers_the_rest() -> None:

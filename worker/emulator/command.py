@@ -92,7 +92,7 @@ def emulator_command(
     ] = 60.0,
     identical_copies: Annotated[
         int, typer.Option(min=1, help="Identical requests allowed per window (error 9 beyond).")
-    ] = 2,
+    ] = 1,
     streak_limit: Annotated[
         int,
         typer.Option(min=1, help="Messages one subscriber gets in a streak; more are held back."),

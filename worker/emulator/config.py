@@ -45,7 +45,12 @@ class EmulatorConfig(BaseModel):
     )
     undeliverable: frozenset[str] = Field(frozenset(), description="recipients that get error 8")
     duplicate_window_s: float = Field(60.0, gt=0)
-    identical_copies: int = Field(2, ge=1, description="identical requests allowed per window")
+    identical_copies: int = Field(
+        1,
+        ge=1,
+        description="identical requests allowed per window (the seed's error table: one a "
+        "minute; its prose: two)",
+    )
     streak_limit: int = Field(50, ge=1, description="messages per subscriber streak")
     streak_gap_s: float = Field(120.0, gt=0, description="a gap this long ends a streak")
     block_after_errors: int | None = Field(
