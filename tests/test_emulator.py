@@ -226,6 +226,24 @@ async def test_frequent_errors_block_the_ip_with_error_4() -> None:
     assert emu.delivered(PHONE, "fine") == 1
 
 
+async def test_list_lines_may_separate_phones_and_message_with_a_semicolon() -> None:
+    body = (
+        f"demo:demo:7::,0,,1::{PHONE};Время: 10:00; зал 2\n"
+        f"{OTHER}:colon as the worker writes it\n"
+        f"{PHONE};{OTHER};to both"
+    )
+    async with emulator_with_sink() as (emu, sink):
+        await send_mail(emu, raw_mail(body, mail_from=CLIENT))
+        (reply,) = await sink.wait_for(1)
+    assert reply.text == "OK - 4 SMS, ID - 7"
+    assert emu.delivery_counts() == {
+        (f"+{PHONE}", "Время: 10:00; зал 2"): 1,
+        (f"+{OTHER}", "colon as the worker writes it"): 1,
+        (f"+{PHONE}", "to both"): 1,
+        (f"+{OTHER}", "to both"): 1,
+    }
+
+
 async def test_second_identical_request_in_a_minute_is_error_9_even_with_a_new_id() -> None:
     clock = ManualClock()
     async with emulator_with_sink(clock=clock) as (emu, sink):
