@@ -4,6 +4,7 @@ its whole gateway in one place and the command line maps onto it option for opti
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -62,6 +63,12 @@ class EmulatorConfig(BaseModel):
         None, description="SMTP host:port that reply e-mails go to; None: no replies"
     )
     reply_from: str = DEFAULT_GATEWAY_ADDRESS
+    reply_charset: Literal["utf-8", "cp1251", "koi8-r"] = Field(
+        "utf-8",
+        description="utf-8: English descriptions, charset declared; cp1251 or koi8-r: "
+        "Russian descriptions (and a Russian line under OK) in that charset, with no charset "
+        "declared, as NOTES.md warns real replies may come",
+    )
     latency_s: float = Field(0.0, ge=0, description="delay before answering DATA")
     record_path: Path | None = Field(None, description="deliveries appended as JSON lines")
 
