@@ -453,6 +453,23 @@ async def test_a_mail_is_taken_by_one_reply_at_a_time(make: MakeHarness) -> None
     assert await store.unanswered(time.time() + 3600) == []
 
 
+async def test_a_mail_is_known_from_its_record_until_it_is_settled(make: MakeHarness) -> None:
+    harness = await make()
+    store = await harness.store()
+    await claim(store, "r1")
+    assert not await store.knows_mail("m1")
+    await store.begin_sending(record("m1", "r1"))
+    assert await store.knows_mail("m1")
+    assert not await store.knows_mail("m2")
+    if harness.kind == "redis":
+        # Shared: another replica knows it too, and asking takes no lease from it.
+        assert await (await harness.store()).knows_mail("m1")
+    assert await store.take_mail("m1") is not None
+    assert await store.knows_mail("m1")  # taken, not yet settled
+    await store.finish(Finish(answered={"r1": ("ev", "fp")}, mails_done=["m1"]))
+    assert not await store.knows_mail("m1")
+
+
 async def test_unanswered_mails_and_unknown_outcomes(make: MakeHarness) -> None:
     store = await (await make()).store()
     await claim(store, "r1", "r2", "r3")

@@ -114,6 +114,12 @@ class Metrics:
             "masked, goes to the dead letters)",
             registry=r,
         )
+        self.reply_body_id_ignored = Counter(
+            "smsc_reply_body_id_ignored",
+            "Replies whose body named an ID that is no known e-mail: that ID was ignored and "
+            "the reply applied to the e-mail its (verified) address names",
+            registry=r,
+        )
         self.reply_parts_mismatch = Counter(
             "smsc_reply_parts_mismatch",
             "OK replies whose SMS count differs from the parts the worker expected for the "

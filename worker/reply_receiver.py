@@ -5,7 +5,12 @@ that address, so a reply names the e-mail it answers even when its body carries 
 (errors 1, 2, 4, 5 and 9). The token is a truncated HMAC of the mail id under a key only
 the worker holds, and it is never published (events carry the bare mail id): knowing a
 gateway id is not enough to answer for its e-mail. A recipient whose token does not verify
-is refused at RCPT; an ID in the body counts only when it agrees with the address.
+is refused at RCPT. The address's (verified) ID decides which e-mail a reply answers. An ID
+in the body that differs is read one of two ways: one that names another e-mail this
+account still waits on is refused, since the token did not verify that one (one e-mail's
+reply capability must not settle another); one that names no known e-mail (the gateway or
+a mail system on the way mangled it) is ignored, logged and counted, and the reply applies
+to its address's e-mail.
 
 Optionally only some networks may connect (checked on the peer address, before the
 greeting) and only some envelope senders may send. Every refusal changes nothing, is
@@ -26,7 +31,7 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from worker.logs import MASK
@@ -40,6 +45,8 @@ UNREADABLE_REPLY = "unreadable_reply"
 
 ReplySink = Callable[[str, Reply], Awaitable[None]]
 Refused = Callable[[str], None]
+# Whether a mail id names an e-mail of this account still waiting for its reply.
+KnownMail = Callable[[str], Awaitable[bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,15 +207,19 @@ class ReplyHandler:
         self,
         addresses: ReplyAddresses,
         sink: ReplySink,
+        known_mail: KnownMail,
         *,
         allowed_networks: Iterable[Network] = (),
         allowed_senders: Iterable[str] = (),
         refused: Refused | None = None,
+        body_id_ignored: Callable[[], None] | None = None,
         keep_unreadable: KeepUnreadable | None = None,
     ) -> None:
         self._keep_unreadable = keep_unreadable
         self._addresses = addresses
         self._sink = sink
+        self._known_mail = known_mail
+        self._body_id_ignored = body_id_ignored or (lambda: None)
         self._networks = tuple(allowed_networks)
         self._senders = tuple(s.lower() for s in allowed_senders)
         self._refused = refused or (lambda reason: None)
@@ -274,14 +285,30 @@ class ReplyHandler:
         (mail_id,) = addressed
         named = reply.mail_id
         if named is not None and named.lower() != mail_id:
-            self._refuse(
-                "mail_id_mismatch",
-                "reply to e-mail %s names e-mail %r in its body, from %s",
+            try:
+                other_known = await self._known_mail(named.lower())
+            except Exception:
+                log.exception("could not look up e-mail %r named by a reply to %s", named, mail_id)
+                return "451 4.3.0 reply not recorded, try again later"
+            if other_known:
+                self._refuse(
+                    "mail_id_mismatch",
+                    "reply to e-mail %s names e-mail %r in its body, from %s",
+                    mail_id,
+                    named,
+                    session.peer,
+                )
+                return "550 5.7.1 the reply names another e-mail than its address"
+            self._body_id_ignored()
+            log.warning(
+                "reply to e-mail %s names %r in its body, no known e-mail: that ID is "
+                "ignored and the reply applies to its address's e-mail",
                 mail_id,
                 named,
-                session.peer,
             )
-            return "550 5.7.1 the reply names another e-mail than its address"
+        if named is not None:
+            # What is handed on names the e-mail the token verified, as that one decides.
+            reply = replace(reply, mail_id=mail_id)
         try:
             await self._sink(mail_id, reply)
         except Exception:

@@ -266,9 +266,11 @@ class Service:
         handler = ReplyHandler(
             self.reply_addresses,
             self.on_reply,
+            self.store.knows_mail,
             allowed_networks=parse_networks(s.reply.allowed_networks),
             allowed_senders=parse_senders(s.reply.allowed_senders),
             refused=self.telemetry.metrics.reply_refused,
+            body_id_ignored=self.telemetry.metrics.reply_body_id_ignored.inc,
             keep_unreadable=self.keep_unreadable_reply,
         )
         self._reply_server = await serve_smtp(

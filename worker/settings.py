@@ -266,7 +266,12 @@ class BatchSettings(_Group):
 
 class LimitSettings(_Group):
     dedup_ttl_s: float = Field(6 * 3600, ge=0, description="how long a request_id is remembered")
-    identical_per_window: int = Field(2, ge=1)
+    # The seed's error table says error 9 is "more than one identical request within a
+    # minute", its prose "more than two": error 9 holds up a whole e-mail of unrelated
+    # requests, while this limit holds up only the copy, so the cautious reading is the default.
+    identical_per_window: int = Field(
+        1, ge=1, description="identical requests (same options, recipients, text) per window"
+    )
     # A second over the gateway's minute and two minutes: the worker counts a request when
     # it admits it, the gateway a moment later, when the e-mail arrives.
     identical_window_s: float = Field(61.0, gt=0)

@@ -67,6 +67,21 @@ _CHANNEL_PREFIXES = {
 }
 _CHANNEL_TEXTS = {"__PING__": Format.ping, "__HLR__": Format.hlr}
 _TEXTLESS_FORMATS = frozenset({Format.hlr, Format.ping})
+
+# The descriptions in Russian, for replies in cp1251 or koi8-r (`reply_charset`), and the
+# line under an OK answer in that mode, so that every reply carries Cyrillic bytes.
+RUSSIAN_DESCRIPTIONS: dict[GatewayError, str] = {
+    GatewayError.parameters: "ошибка в параметрах",
+    GatewayError.credentials: "неверный логин или пароль",
+    GatewayError.insufficient_funds: "недостаточно средств на счете Клиента",
+    GatewayError.ip_blocked: "IP-адрес временно заблокирован из-за частых ошибок в запросах",
+    GatewayError.date_format: "неверный формат даты",
+    GatewayError.message_denied: "Сообщение запрещено (по тексту или по имени отправителя)",
+    GatewayError.phone_format: "неверный формат номера телефона",
+    GatewayError.undeliverable: "сообщение на указанный номер не может быть доставлено",
+    GatewayError.duplicate_request: "более одного одинакового запроса в течение минуты",
+}
+ACCEPTED_RU = "Сообщения приняты к отправке."
 _TZ = re.compile(r"[+-]?\d{1,2}")
 
 
@@ -178,6 +193,9 @@ class Gateway:
         self._streaks: dict[str, _Streak] = {}
         self._errors_by_ip: dict[str, deque[float]] = {}
         self._blocked_until: dict[str, float] = {}
+        self._descriptions = (
+            DESCRIPTIONS if config.reply_charset == "utf-8" else RUSSIAN_DESCRIPTIONS
+        )
 
     @property
     def balance(self) -> int | None:
@@ -187,10 +205,10 @@ class Gateway:
         """Decide one e-mail from `peer` (an IP address) and update the limits' state."""
         now = self._clock()
         if self._blocked_until.get(peer, float("-inf")) > now:
-            return _rejection(GatewayError.ip_blocked, f"{peer} is blocked", None)
+            return self._rejection(GatewayError.ip_blocked, f"{peer} is blocked", None)
         if isinstance(body, MalformedMail):
             self._note_error(peer, now)
-            return _rejection(GatewayError.parameters, body.message, None)
+            return self._rejection(GatewayError.parameters, body.message, None)
         mail_id = body.mail_id or str(next(self._ids))
         try:
             request = self._check(body)
@@ -203,7 +221,7 @@ class Gateway:
                 )
         except _Refusal as refusal:
             self._note_error(peer, now)
-            return _rejection(refusal.error, refusal.reason, mail_id)
+            return self._rejection(refusal.error, refusal.reason, mail_id)
         for identity in copies:
             self._copies.setdefault(identity, deque()).append(now)
         deliveries, floods = self._deliver(request, mail_id, now)
@@ -215,6 +233,13 @@ class Gateway:
             reply_wanted=request.test == 1,
             deliveries=tuple(deliveries),
             floods=tuple(floods),
+        )
+
+    def _rejection(self, error: GatewayError, reason: str, mail_id: str | None) -> Verdict:
+        return Verdict(
+            reply=Rejected(error=error, description=self._descriptions[error], mail_id=mail_id),
+            reason=reason,
+            reply_wanted=True,
         )
 
     def _check(self, body: DecodedBody) -> _Request:
@@ -362,11 +387,3 @@ class Gateway:
         if len(errors) >= threshold:
             self._blocked_until[peer] = now + self._config.block_for_s
             errors.clear()
-
-
-def _rejection(error: GatewayError, reason: str, mail_id: str | None) -> Verdict:
-    return Verdict(
-        reply=Rejected(error=error, description=DESCRIPTIONS[error], mail_id=mail_id),
-        reason=reason,
-        reply_wanted=True,
-    )

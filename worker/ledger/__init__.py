@@ -231,6 +231,11 @@ class StateStore(Protocol):
         `finish` or `give_back_mail`, or its death). A lease of this process's own is taken
         again: the caller keeps one reply per e-mail in hand at a time."""
 
+    async def knows_mail(self, mail_id: str) -> bool:
+        """Whether the e-mail's record is held (sent and not yet settled), by any replica:
+        a plain read that takes no lease, for telling a reply's mangled body ID from the ID
+        of another e-mail of this account."""
+
     async def give_back_mail(self, mail_id: str) -> None:
         """A reply could not be settled: its e-mail's record may be taken again."""
 

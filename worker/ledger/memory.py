@@ -172,6 +172,9 @@ class MemoryStateStore:
             self._taken.add(mail_id)
         return record
 
+    async def knows_mail(self, mail_id: str) -> bool:
+        return mail_id in self._mails
+
     async def give_back_mail(self, mail_id: str) -> None:
         self._taken.discard(mail_id)
 

@@ -373,6 +373,9 @@ class RedisStateStore:
             raise MailBusy(f"the reply to e-mail {mail_id} is being handled by another replica")
         return _record(found)
 
+    async def knows_mail(self, mail_id: str) -> bool:
+        return bool(await self._command("EXISTS", self._key("mail", mail_id)))
+
     async def give_back_mail(self, mail_id: str) -> None:
         await self._call("give_back", self.owner, mail_id)
 
