@@ -145,6 +145,20 @@ def request_of(body: dict[str, Any]) -> SendRequest:
     return request
 
 
+def test_the_pace_counts_a_message_without_a_count_as_one_part_per_recipient() -> None:
+    email = {"to": ["a@example.com", "b@example.com"], "text": "hi", "subject": "Hi"}
+    mail = prepare(
+        request_of(email | {"channel": "email", "sender": "s@example.com"}), UTF8, Format.sms, NOW
+    )
+    assert (mail.sms_parts, mail.sms_count, mail.pace_parts) == (None, None, 2)
+    group = prepare(request_of({"to": [phone(1), "G12"], "text": "a" * 200}), UTF8, Format.sms, NOW)
+    assert (group.sms_parts, group.sms_count, group.pace_parts) == (2, None, 4)
+    plain = prepare(
+        request_of({"to": [phone(1), phone(2)], "text": "a" * 200}), UTF8, Format.sms, NOW
+    )
+    assert (plain.sms_parts, plain.sms_count, plain.pace_parts) == (2, 4, 4)
+
+
 def emulator_count(prepared: list[PreparedRequest]) -> int:
     """What the emulator answers for one e-mail built by the worker from `prepared`."""
     builder = MailBuilder(
