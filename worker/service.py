@@ -77,6 +77,7 @@ from worker.ledger.memory import MemoryStateStore
 from worker.prepare import BatchKey, PreparedRequest, check_not_expired, prepare
 from worker.protocol.fields import new_mail_id
 from worker.protocol.mail import Account, Envelope, MailBuilder
+from worker.protocol.recipients import sms_count
 from worker.protocol.replies import Accepted as AcceptedReply
 from worker.protocol.replies import Action, Rejected, Reply
 from worker.reply_receiver import (
@@ -767,7 +768,7 @@ class Service:
                 batch.mail_id,
                 tuple(p.carried() for p in live),
                 time.time(),
-                sms_parts=sum(p.prepared.sms_count for p in live),
+                sms_parts=sum(p.prepared.pace_parts for p in live),
                 trace=self.telemetry.carrier(),
                 group=live[0].provenance.group,
             )
@@ -994,15 +995,18 @@ class Service:
     def _compare_parts(self, record: MailRecord, reply: AcceptedReply) -> None:
         """`OK - n SMS` against the parts the worker counted for the e-mail (parts times
         recipients, summed): a difference is logged and counted, and the requests are still
-        accepted (the gateway has taken them; its count is what it charges). A record
-        without a count (0) is not compared."""
-        if record.sms_parts and reply.sms_count != record.sms_parts:
+        accepted (the gateway has taken them; its count is what it charges). An e-mail with
+        a request whose count is unknown (not an SMS, or a `G<n>` group) is not compared:
+        any n could be right."""
+        counts = [sms_count(r.sms_parts, r.recipients) for r in record.requests]
+        expected = None if None in counts else sum(c or 0 for c in counts)
+        if expected is not None and reply.sms_count != expected:
             self.telemetry.metrics.reply_parts_mismatch.inc()
             log.warning(
                 "e-mail %s: the gateway counted %d SMS, the worker expected %d",
                 record.mail_id,
                 reply.sms_count,
-                record.sms_parts,
+                expected,
             )
 
     async def _expire_unanswered(self) -> None:

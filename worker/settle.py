@@ -39,6 +39,7 @@ from worker.fate import (
     Unknown,
 )
 from worker.ledger import Finish, StateStore, StateUnavailable
+from worker.protocol.recipients import sms_count
 from worker.telemetry import Telemetry, event_headers
 
 log = logging.getLogger(__name__)
@@ -342,14 +343,13 @@ class Settler:
                         "waiting for the gateway's reply, not resending",
                         False,
                     )
-            parts = subject.sms_parts
             return ResultEvent.create(
                 rid,
                 status,
                 attempt=subject.attempt,
                 gateway_id=fate.mail_id,
-                sms_parts=parts,
-                sms_count=None if parts is None else parts * len(subject.recipients),
+                sms_parts=subject.sms_parts,
+                sms_count=sms_count(subject.sms_parts, subject.recipients),
                 error=error,
                 recipients=recipients,
                 metadata=metadata,

@@ -73,7 +73,7 @@ class CarriedRequest:
 
     request_id: str
     recipients: tuple[str, ...]
-    sms_parts: int
+    sms_parts: int | None
     attempt: int
     first_seen: float
     metadata: dict[str, MetadataValue]
@@ -111,6 +111,7 @@ class MailRecord:
     mail_id: str
     requests: tuple[CarriedRequest, ...]
     submitted_at: float
+    # What the account's parts pace counts for the e-mail (PreparedRequest.pace_parts).
     sms_parts: int = 0
     # The submission span's context as W3C trace headers, for the reply's span to link to.
     trace: Mapping[str, str] = field(default_factory=dict)
