@@ -545,11 +545,15 @@ class Topology:
         self._exchanges = [self.exchange]
         if kind == "worker":
             from worker.broker import RETRY_TIERS_S, retry_queue_name
+            from worker.lanes import Lane
             from worker.settings import AmqpSettings
 
             self.amqp = AmqpSettings(**amqp)
             self._queues += [self.amqp.dead_letter_queue]
-            self._queues += [retry_queue_name(self.amqp, t) for t in RETRY_TIERS_S]
+            self._queues += [self.amqp.queue(lane) for lane in (Lane.high, Lane.bulk)]
+            self._queues += [
+                retry_queue_name(self.amqp, t, lane) for t in RETRY_TIERS_S for lane in Lane
+            ]
             self._exchanges += [self.amqp.dead_letter_exchange]
 
     async def declare(self, channel: AbstractChannel) -> None:
