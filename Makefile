@@ -2,7 +2,7 @@
 VENV := .venv
 UV := $(shell command -v uv 2>/dev/null || echo .uv-venv/bin/uv)
 
-.PHONY: run test faults lint bench schemas rabbitmq redis
+.PHONY: run test faults lint bench bench-lanes schemas rabbitmq redis
 
 .uv-venv/bin/uv:
 	python3 -m venv .uv-venv
@@ -35,6 +35,9 @@ faults: lint rabbitmq redis
 
 bench: $(VENV)/.synced rabbitmq redis
 	$(VENV)/bin/python -m bench.run
+
+bench-lanes: $(VENV)/.synced rabbitmq
+	$(VENV)/bin/python -m bench.lanes
 
 schemas: $(VENV)/.synced
 	$(VENV)/bin/smsc-worker schemas

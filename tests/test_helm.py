@@ -228,11 +228,11 @@ def check_custom_resource(doc: dict[str, Any], docs: list[dict[str, Any]]) -> No
             "kind": "Deployment",
             "name": one(docs, "Deployment")["metadata"]["name"],
         }
-        (trigger,) = spec["triggers"]
-        assert trigger["type"] == "rabbitmq"
-        assert trigger["metadata"]["mode"] == "QueueLength"
-        assert all(isinstance(v, str) for v in trigger["metadata"].values())
-        one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        for trigger in spec["triggers"]:
+            assert trigger["type"] == "rabbitmq"
+            assert trigger["metadata"]["mode"] == "QueueLength"
+            assert all(isinstance(v, str) for v in trigger["metadata"].values())
+            one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
     elif doc["kind"] == "TriggerAuthentication":
         assert doc["apiVersion"] == "keda.sh/v1alpha1"
         assert set(spec) <= TRIGGER_AUTHENTICATION_SPEC
@@ -541,16 +541,18 @@ def test_autoscaler_owns_the_replica_count(chart: helm.Chart, value_set: str, fi
     assert ("replicas" in one(docs, "Deployment")["spec"]) is fixed
 
 
-def test_keda_scales_on_the_requests_queue(chart: helm.Chart) -> None:
+def test_keda_scales_on_every_lanes_queue(chart: helm.Chart) -> None:
     default = render(chart, VALUE_SETS["existing-secret"])
-    ((trigger,),) = [d["spec"]["triggers"] for d in default if d["kind"] == "ScaledObject"]
-    assert (
-        trigger["metadata"]["queueName"]
-        == one(default, "ConfigMap")["data"]["SMSC_AMQP__REQUESTS_QUEUE"]
-    )
+    (triggers,) = [d["spec"]["triggers"] for d in default if d["kind"] == "ScaledObject"]
+    queue = one(default, "ConfigMap")["data"]["SMSC_AMQP__REQUESTS_QUEUE"]
+    assert [t["metadata"]["queueName"] for t in triggers] == [
+        queue,
+        f"{queue}.high",
+        f"{queue}.bulk",
+    ]
     overridden = render(chart, VALUE_SETS["keda"])
-    ((trigger,),) = [d["spec"]["triggers"] for d in overridden if d["kind"] == "ScaledObject"]
-    assert trigger["metadata"]["queueName"] == "sms.priority"
+    (triggers,) = [d["spec"]["triggers"] for d in overridden if d["kind"] == "ScaledObject"]
+    assert triggers[0]["metadata"]["queueName"] == "sms.priority"
 
 
 def test_rendered_configuration_loads_in_the_worker(

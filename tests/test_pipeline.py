@@ -13,6 +13,7 @@ from tests.conftest import collecting, gateway_and_worker, phone
 from worker.contract import Status
 from worker.delivery import ERROR_CODE_HEADER
 from worker.emulator.rules import RUSSIAN_DESCRIPTIONS
+from worker.lanes import Lane
 from worker.protocol.replies import GatewayError
 from worker.settings import AmqpSettings, BatchSettings, GatewaySettings, LimitSettings
 
@@ -141,7 +142,7 @@ async def test_results_also_go_to_reply_to_with_correlation_id(amqp: AmqpSetting
     assert all(e.metadata == {"order": 42} for e in results.of("rpc"))
 
 
-async def test_the_work_queue_is_a_quorum_queue_with_a_delivery_limit_and_dead_lettering(
+async def test_the_work_queues_are_quorum_queues_with_a_delivery_limit_and_dead_lettering(
     amqp: AmqpSettings,
 ) -> None:
     async with gateway_and_worker(amqp):
@@ -152,11 +153,13 @@ async def test_the_work_queue_is_a_quorum_queue_with_a_delivery_limit_and_dead_l
             text=True,
             check=True,
         )
-    (line,) = [row for row in listing.stdout.splitlines() if row.startswith(amqp.requests_queue)]
-    assert "\tquorum\t" in line
-    assert "x-delivery-limit" in line
-    assert amqp.dead_letter_exchange in line
-    assert "at-least-once" in line
+    rows = {row.split("\t")[0]: row for row in listing.stdout.splitlines()}
+    for lane in Lane:
+        line = rows[amqp.queue(lane)]
+        assert "\tquorum\t" in line
+        assert "x-delivery-limit" in line
+        assert amqp.dead_letter_exchange in line
+        assert "at-least-once" in line
 
 
 async def test_the_account_pace_spreads_emails_out(amqp: AmqpSettings) -> None:

@@ -24,6 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 from worker import runner
 from worker.delivery import RequestCopy
 from worker.errors import ConfigurationError
+from worker.lanes import Lane
 from worker.ledger import (
     CarriedRequest,
     CircuitView,
@@ -181,6 +182,7 @@ def record(
     parts: int = 1,
     submitted_at: float | None = None,
     body: bytes = b'{"text": "hi"}',
+    lane: Lane = Lane.normal,
 ) -> MailRecord:
     carried = tuple(
         CarriedRequest(
@@ -192,6 +194,7 @@ def record(
             metadata={"order": 7, "note": "ж", "flag": True, "none": None},
             copy=RequestCopy(body=body, headers={"h": "v", "n": 1}, message_id=rid),
             content_key=f"c-{rid}",
+            lane=lane,
         )
         for rid in rids
     )
@@ -358,7 +361,8 @@ async def test_begin_sending_writes_nothing_unless_every_request_is_claimed(
 
 
 async def test_the_pace_counts_mails_and_parts(make: MakeHarness) -> None:
-    harness = await make(limits={"mails_per_second": 2, "parts_per_second": 10})
+    # No share kept for the high lane: the account's pace alone.
+    harness = await make(limits={"mails_per_second": 2, "parts_per_second": 10, "high_share": 0})
     store = await harness.store()
     await claim(store, *(f"r{n}" for n in range(5)))
     # A burst of one second's worth: two e-mails, ten parts (25 parts count as the burst).
@@ -375,6 +379,35 @@ async def test_the_pace_counts_mails_and_parts(make: MakeHarness) -> None:
     assert await store.take_mail("m2") is None
     await harness.advance(gate.wait + 0.02)
     assert (await store.begin_sending(record("m2", "r2", parts=1))).kind == GateKind.go
+
+
+async def test_the_pace_keeps_a_share_for_high_priority_and_a_floor_for_the_rest(
+    make: MakeHarness,
+) -> None:
+    # Rates that are sums of powers of two: the GCRA's sums stay exact.
+    limits = {"mails_per_second": 8, "parts_per_second": 1024, "high_share": 0.5}
+    harness = await make(limits={**limits, "others_floor": 0.25})
+    store = await harness.store()
+
+    async def burst(prefix: str, lane: Lane) -> int:
+        await claim(store, *(f"{prefix}{n}" for n in range(10)))
+        sent = 0
+        while (
+            await store.begin_sending(record(f"m{prefix}{sent}", f"{prefix}{sent}", lane=lane))
+        ).kind == GateKind.go:
+            sent += 1
+        return sent
+
+    # Normal and bulk e-mails stop at their half of the burst, and high-priority ones still
+    # find the rest free.
+    assert await burst("n", Lane.normal) == 4
+    assert await burst("h", Lane.high) == 4
+
+    # High-priority e-mails alone cannot take the whole pace: the floor is the others'.
+    harness = await make(limits={**limits, "others_floor": 0.5})
+    store = await harness.store()
+    assert await burst("h", Lane.high) == 4
+    assert await burst("b", Lane.bulk) == 4
 
 
 async def test_a_stopped_account_sends_nothing(make: MakeHarness) -> None:
@@ -568,7 +601,7 @@ async def test_a_silent_replica_is_taken_for_dead_after_owner_ttl(
 
 
 async def test_replicas_share_the_limits(make_redis: MakeHarness) -> None:
-    harness = await make_redis(limits={"mails_per_second": 2})
+    harness = await make_redis(limits={"mails_per_second": 2, "high_share": 0})
     a, b = await harness.store(), await harness.store()
     [first] = await a.intake([item("r1", content="same", subs=("s",))])
     [second] = await b.intake([item("r2", content="same", subs=("s",))])

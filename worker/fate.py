@@ -29,6 +29,7 @@ from worker.contract import (
     Status,
 )
 from worker.delivery import Delivery, RequestCopy
+from worker.lanes import Lane
 from worker.ledger import CarriedRequest, SplitNotes, Verdict, VerdictKind
 from worker.protocol.replies import Action, Rejected
 from worker.settings import RetrySettings
@@ -58,6 +59,7 @@ class Subject:
     sms_parts: int | None = None
     # The split it travels in (`Split.group`), kept by every copy until it ends.
     group: str = ""
+    lane: Lane = Lane.normal
     # Whether the ledger holds this process's claim (or later state) for it, to be advanced
     # or released by the settlement.
     claimed: bool = False
@@ -75,6 +77,7 @@ class Subject:
             content_key=carried.content_key,
             sms_parts=carried.sms_parts,
             group=group,
+            lane=carried.lane,
             claimed=True,
         )
 

@@ -9,6 +9,7 @@ from datetime import datetime
 
 from worker.contract import SendRequest
 from worker.errors import InvalidRequest
+from worker.lanes import Lane
 from worker.protocol.fields import Format, SendTime, Translit, check_text, is_email_sender
 from worker.protocol.mail import ListLine, MailOptions, pick_charset
 from worker.protocol.recipients import Recipient, parse_recipients, sms_count
@@ -22,11 +23,13 @@ TEXTLESS_FORMATS = (Format.hlr, Format.ping)
 @dataclass(frozen=True, slots=True)
 class BatchKey:
     """Requests with equal keys may share one e-mail. `group` keeps requests apart that
-    must travel alone (the halves of an e-mail being split to find a bad line)."""
+    must travel alone (the halves of an e-mail being split to find a bad line); `lane`
+    keeps an urgent request out of an e-mail that waits with bulk ones."""
 
     options: MailOptions
     charset: str
     group: str = ""
+    lane: Lane = Lane.normal
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,7 @@ def prepare(
     default_channel: Format,
     now: datetime,
     group: str = "",
+    lane: Lane = Lane.normal,
 ) -> PreparedRequest:
     """Everything about a request that can be known without I/O, or InvalidRequest."""
     check_not_expired(request, now)
@@ -116,7 +120,7 @@ def prepare(
         request=request,
         recipients=recipients,
         line=ListLine(tuple(r.wire for r in recipients), text),
-        key=BatchKey(options, charset, group),
+        key=BatchKey(options, charset, group, lane),
         sms_parts=sms_parts(text, fmt, translit or Translit.off),
         content_key=content_key(options, recipients, text),
     )

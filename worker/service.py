@@ -19,12 +19,13 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import formatdate
+from functools import partial
 from types import TracebackType
-from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry.trace import TracerProvider
@@ -61,6 +62,7 @@ from worker.fate import (
     read_request,
     request_id_of,
 )
+from worker.lanes import Lane, LaneSlots
 from worker.ledger import (
     CarriedRequest,
     CircuitView,
@@ -154,6 +156,7 @@ class Pending:
             content_key=self.prepared.content_key,
             sms_parts=self.prepared.sms_parts,
             group=self.provenance.group,
+            lane=self.delivery.lane,
             claimed=claimed,
         )
 
@@ -167,6 +170,7 @@ class Pending:
             metadata=dict(self.request.metadata),
             copy=self.delivery.copy,
             content_key=self.prepared.content_key,
+            lane=self.delivery.lane,
         )
 
 
@@ -212,12 +216,15 @@ class Service:
             self._new_builder,
             max_lines=settings.batch.max_lines,
             max_wait=settings.batch.max_wait_ms / 1000,
+            high_max_wait=settings.batch.high_max_wait_ms / 1000,
         )
         self.circuit_view = CircuitView.closed
         self.telemetry.watch(lambda: self.circuit_view)
-        self._smtp: GatewaySmtp | None = None
+        # High-priority e-mails have SMTP connections of their own: one never waits for a
+        # connection busy with bulk.
+        self._smtp: dict[bool, GatewaySmtp] = {}
         self._reply_server: asyncio.Server | None = None
-        self._consumer_tag: str | None = None
+        self._consumer_tags: dict[Lane, str] = {}
         # Start and stop come from the intake, the submissions, replies and the state
         # watcher: one at a time, or two consumers could be started.
         self._consuming = asyncio.Lock()
@@ -229,9 +236,14 @@ class Service:
         self._held: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
-        self._submit_slots = asyncio.Semaphore(settings.smtp.connections)
-        self._batch_added = asyncio.Event()
-        self._submission_done = asyncio.Event()
+        self._submit_slots = {
+            False: LaneSlots(settings.smtp.connections),
+            True: LaneSlots(settings.smtp.high_connections),
+        }
+        # Submissions under way, by lane.
+        self._busy: Counter[Lane] = Counter()
+        # Set when a batch was added or a submission ended: the flusher looks again.
+        self._flush_wake = asyncio.Event()
         self._submitting: dict[str, asyncio.Future[None]] = {}
         # E-mails whose reply is being handled here: one reply per e-mail at a time.
         self._replies: set[str] = set()
@@ -258,7 +270,10 @@ class Service:
         s = self.settings
         await self.store.start()
         self.telemetry.metrics.state_up.set(1)
-        self._smtp = GatewaySmtp(s.smtp)
+        self._smtp = {
+            False: GatewaySmtp(s.smtp),
+            True: GatewaySmtp(s.smtp.model_copy(update={"connections": s.smtp.high_connections})),
+        }
         if not s.reply.token_key.get_secret_value():
             log.warning(
                 "SMSC_REPLY__TOKEN_KEY is empty: the key of the reply address tokens is "
@@ -307,7 +322,10 @@ class Service:
         else:
             await self._start_consuming()
         log.info(
-            "consuming %s; replies on %s:%d", s.amqp.requests_queue, s.reply.host, self.reply_port
+            "consuming %s; replies on %s:%d",
+            ", ".join(s.amqp.queue(lane) for lane in Lane),
+            s.reply.host,
+            self.reply_port,
         )
 
     @property
@@ -319,7 +337,7 @@ class Service:
     def ready(self) -> bool:
         return (
             self.broker.is_connected
-            and self._consumer_tag is not None
+            and bool(self._consumer_tags)
             and not self.draining
             and self.state_ok
             and self.circuit_view == CircuitView.closed
@@ -333,21 +351,22 @@ class Service:
 
     async def _start_consuming(self) -> None:
         async with self._consuming:
-            if self._consumer_tag is not None or self.draining or self.account_stopped:
+            if self._consumer_tags or self.draining or self.account_stopped:
                 return
-            self._consumer_tag = await self.broker.consuming_queue().consume(
-                self.telemetry.consumer(self._on_message)
-            )
+            for lane in Lane:
+                queue = self.broker.consuming_queue(lane)
+                self._consumer_tags[lane] = await queue.consume(
+                    self.telemetry.consumer(partial(self._on_message, lane), queue.name)
+                )
 
     async def _stop_consuming(self) -> None:
         async with self._consuming:
-            if self._consumer_tag is None:
-                return
-            tag, self._consumer_tag = self._consumer_tag, None
-            try:
-                await self.broker.consuming_queue().cancel(tag)
-            except Exception as exc:
-                log.warning("could not cancel the consumer: %s", exc)
+            tags, self._consumer_tags = self._consumer_tags, {}
+            for lane, tag in tags.items():
+                try:
+                    await self.broker.consuming_queue(lane).cancel(tag)
+                except Exception as exc:
+                    log.warning("could not cancel the %s consumer: %s", lane, exc)
 
     async def drain(self) -> None:
         """Stop taking requests, send what is batched, wait for it, close."""
@@ -363,7 +382,7 @@ class Service:
                     await asyncio.sleep(0.01)
         while True:
             for batch in self._batcher.drain():
-                self._spawn(self._submit(batch))
+                self._launch(batch)
             if not self._tasks:
                 break
             _, late = await asyncio.wait(
@@ -381,8 +400,8 @@ class Service:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._reply_server is not None:
             self._reply_server.close()
-        if self._smtp is not None:
-            await self._smtp.close()
+        for smtp in self._smtp.values():
+            await smtp.close()
         await self.broker.close()
         await self.store.close()
         self._stopped.set()
@@ -412,14 +431,16 @@ class Service:
                 log.exception("%s failed; starting it again", loop.__name__)
                 await asyncio.sleep(1)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+    def _launch(self, batch: Batch[Pending]) -> None:
+        self._busy[batch.key.lane] += 1
+        task = asyncio.create_task(self._submit(batch))
         self._tasks.add(task)
-        task.add_done_callback(self._submission_finished)
+        task.add_done_callback(partial(self._submission_finished, batch.key.lane))
 
-    def _submission_finished(self, task: asyncio.Task[None]) -> None:
+    def _submission_finished(self, lane: Lane, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._submission_done.set()
+        self._busy[lane] -= 1
+        self._flush_wake.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("submission failed", exc_info=task.exception())
 
@@ -469,9 +490,9 @@ class Service:
 
     # consume -> read -------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, lane: Lane, message: AbstractIncomingMessage) -> None:
         try:
-            delivery = Delivery.capture(message)
+            delivery = Delivery.capture(message, lane)
         except Exception as exc:
             # Its channel is gone: the broker has requeued it already.
             log.warning("delivery from a closed channel skipped: %s", exc)
@@ -546,6 +567,7 @@ class Service:
                 self.settings.default_channel,
                 datetime.now(UTC),
                 provenance.group,
+                delivery.lane,
             )
         except InvalidRequest as exc:
             return Arrival(delivery, subject, Reject(exc.code, exc.message))
@@ -635,7 +657,7 @@ class Service:
                     continue
                 self._batch(pending, decided)
                 batched.add(id(pending.delivery))
-            self._batch_added.set()
+            self._flush_wake.set()
         finally:
             settled = {id(s.delivery) for s, _ in decided} | batched
             for arrival in burst:
@@ -654,7 +676,7 @@ class Service:
             decided.append((pending.subject(), Reject(exc.code, exc.message)))
             closed = exc.closed
         for batch in closed:
-            self._spawn(self._submit(batch))
+            self._launch(batch)
 
     def _new_builder(self, key: BatchKey) -> MailBuilder:
         mail_id = new_mail_id()
@@ -674,23 +696,29 @@ class Service:
             limit=self.settings.batch.max_bytes,
         )
 
+    def _may_go(self, key: BatchKey) -> bool:
+        """While every SMTP connection of its kind has an e-mail of its lane or a more
+        urgent one to send, a due batch would only queue for one: it goes on filling (up to
+        its limits) until one is free. E-mails of less urgent lanes do not hold it back:
+        it goes before them (`LaneSlots`)."""
+        if key.lane == Lane.high:
+            return self._busy[Lane.high] < self.settings.smtp.high_connections
+        ahead = self._busy[Lane.normal] + (self._busy[Lane.bulk] if key.lane == Lane.bulk else 0)
+        return ahead < self.settings.smtp.connections
+
     async def _flush_when_due(self) -> None:
         while True:
-            deadline = self._batcher.next_deadline()
-            if deadline is None:
-                await self._batch_added.wait()
-                self._batch_added.clear()
+            self._flush_wake.clear()
+            deadline = self._batcher.next_deadline(self._may_go)
+            delay = None if deadline is None else deadline - time.monotonic()
+            if delay is None or delay > 0:
+                # A new batch may be due sooner (a high-priority one), or a connection free.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._flush_wake.wait()
                 continue
-            delay = deadline - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            # While every SMTP connection has an e-mail to send, a due batch would only
-            # queue for one: let it go on filling (up to its limits) until one is free.
-            while len(self._tasks) >= self.settings.smtp.connections:
-                self._submission_done.clear()
-                await self._submission_done.wait()
-            for batch in self._batcher.due(time.monotonic()):
-                self._spawn(self._submit(batch))
+            for batch in self._batcher.due(time.monotonic(), self._may_go):
+                self._launch(batch)
 
     # gate -> submit -> settle ----------------------------------------------------------
 
@@ -698,7 +726,7 @@ class Service:
         live = list(batch.items)
         try:
             with self.telemetry.submission([p.delivery.headers for p in live], batch.opened_at):
-                async with self._submit_slots:
+                async with self._submit_slots[batch.key.lane == Lane.high].hold(batch.key.lane):
                     await self._send_batch(batch, live)
         finally:
             # Whatever was not settled goes back to the queue: a request whose e-mail may
@@ -831,9 +859,8 @@ class Service:
             waited += gate.wait
 
     async def _submit_mail(self, batch: Batch[Pending], live: list[Pending], mail: bytes) -> None:
-        assert self._smtp is not None
         with self.telemetry.smtp(batch.mail_id, len(live), len(mail)) as smtp_call:
-            result = await self._smtp.submit(
+            result = await self._smtp[batch.key.lane == Lane.high].submit(
                 self.reply_addresses.address(batch.mail_id),
                 self.settings.gateway.address,
                 mail,

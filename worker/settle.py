@@ -38,6 +38,7 @@ from worker.fate import (
     Submitted,
     Unknown,
 )
+from worker.lanes import Lane
 from worker.ledger import Finish, StateStore, StateUnavailable
 from worker.protocol.recipients import sms_count
 from worker.telemetry import Telemetry, event_headers
@@ -142,7 +143,7 @@ class _Plan:
     unknown_mails: set[str] = field(default_factory=set)
     events: list[Outgoing] = field(default_factory=list)
     dead: list[tuple[RequestCopy, str, str]] = field(default_factory=list)
-    delays: list[tuple[RequestCopy, float, dict[str, Any]]] = field(default_factory=list)
+    delays: list[tuple[RequestCopy, float, dict[str, Any], Lane]] = field(default_factory=list)
     acks: list[Delivery] = field(default_factory=list)
     requeues: list[Delivery] = field(default_factory=list)
     submitted: list[Subject] = field(default_factory=list)
@@ -254,7 +255,7 @@ class Settler:
                 attempt, subject.first_seen or now, fate.group or subject.group, fate.in_doubt
             )
             headers = self._signer.headers(subject.copy.body, provenance)
-            plan.delays.append((subject.copy, fate.wait, headers))
+            plan.delays.append((subject.copy, fate.wait, headers, subject.lane))
         if isinstance(fate, Unknown) and fate.mail_id is not None and not fate.final:
             plan.unknown_mails.add(fate.mail_id)
         if isinstance(fate, Submitted) and fate.unknown:

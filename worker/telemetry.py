@@ -179,10 +179,11 @@ class Telemetry:
 
     # requests ------------------------------------------------------------------------
 
-    def consumer(self, callback: Consumer) -> Consumer:
+    def consumer(self, callback: Consumer, queue: str | None = None) -> Consumer:
         """Wrap the consumer callback in one span per delivered request, and stamp the
         delivery's headers with that span's context and the time of first receipt.
         With tracing off, the caller's trace headers pass through as they are."""
+        subscription = queue or self._queue
 
         async def untraced(message: AbstractIncomingMessage) -> None:
             headers = message.headers
@@ -207,7 +208,7 @@ class Telemetry:
                 MESSAGING_OPERATION_TYPE: "process",
                 MESSAGING_OPERATION_NAME: "process",
                 MESSAGING_DESTINATION: message.exchange or "",
-                MESSAGING_SUBSCRIPTION: self._queue,
+                MESSAGING_SUBSCRIPTION: subscription,
                 MESSAGING_BODY_SIZE: len(message.body),
             }
             optional = {
@@ -223,7 +224,7 @@ class Telemetry:
             token = context.attach(_extract(headers))
             try:
                 with (
-                    self._span(f"process {self._queue}", SpanKind.CONSUMER, attributes),
+                    self._span(f"process {subscription}", SpanKind.CONSUMER, attributes),
                     _log_context(request_id=None, gateway_id=None),
                 ):
                     # The request span becomes the parent of everything copied from these

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 from worker.contract import MetadataValue
 from worker.delivery import RequestCopy
 from worker.errors import RetryableError
+from worker.lanes import Lane
+from worker.settings import LimitSettings
 
 
 class StateUnavailable(RetryableError, ConnectionError):
@@ -79,6 +81,7 @@ class CarriedRequest:
     metadata: dict[str, MetadataValue]
     copy: RequestCopy
     content_key: str = ""
+    lane: Lane = Lane.normal
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +93,7 @@ class CarriedRequest:
             "metadata": self.metadata,
             "copy": self.copy.to_json(),
             "content_key": self.content_key,
+            "lane": self.lane.value,
         }
 
     @classmethod
@@ -103,6 +107,7 @@ class CarriedRequest:
             metadata=dict(data["metadata"]),
             copy=RequestCopy.from_json(data["copy"]),
             content_key=data["content_key"],
+            lane=Lane(data.get("lane", Lane.normal)),
         )
 
 
@@ -120,6 +125,11 @@ class MailRecord:
     outcome_unknown: bool = False
     # The split its requests travel in (`worker.fate.Split.group`), or "".
     group: str = ""
+
+    @property
+    def urgent(self) -> bool:
+        """A high-priority e-mail (its requests share their lane)."""
+        return bool(self.requests) and self.requests[0].lane == Lane.high
 
     def dumps(self) -> str:
         return json.dumps(
@@ -195,6 +205,13 @@ class SplitNotes:
     granted: bool = True
 
 
+def lane_share(limits: LimitSettings, urgent: bool) -> float:
+    """The share of the account's pace an e-mail's lane may use: normal and bulk e-mails
+    leave `high_share` free for high-priority ones, which leave `others_floor` to the rest,
+    so that neither side can take it all."""
+    return 1 - (limits.others_floor if urgent else limits.high_share)
+
+
 class CircuitView(StrEnum):
     closed = "closed"
     open = "open"
@@ -222,7 +239,8 @@ class StateStore(Protocol):
     async def begin_sending(self, record: MailRecord) -> Gate:
         """Before DATA: if the account, the circuit and the pace allow an e-mail of
         `record.sms_parts` parts now and every request is still claimed by this process,
-        write the record and mark its requests `sending`, in one step."""
+        write the record and mark its requests `sending`, in one step. Besides the
+        account's pace, each e-mail draws on its lane's share of it (`lane_share`)."""
 
     async def finish(self, finish: Finish) -> None: ...
 

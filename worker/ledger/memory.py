@@ -19,6 +19,7 @@ from worker.ledger import (
     SplitNotes,
     Verdict,
     VerdictKind,
+    lane_share,
 )
 from worker.limits import CircuitRule, ContentWindow, Pace, SubscriberStreaks
 from worker.settings import LimitSettings, RetrySettings
@@ -55,6 +56,13 @@ class MemoryStateStore:
         self._streaks = SubscriberStreaks(limits.subscriber_streak, limits.subscriber_gap_s)
         self._mails_pace = Pace(limits.mails_per_second)
         self._parts_pace = Pace(limits.parts_per_second)
+        self._lane_paces = {
+            urgent: (
+                Pace(limits.mails_per_second * lane_share(limits, urgent)),
+                Pace(limits.parts_per_second * lane_share(limits, urgent)),
+            )
+            for urgent in (False, True)
+        }
         self._circuit = CircuitRule(retry.circuit_base_s, retry.circuit_max_s)
         self._stopped: str | None = None
         self._admitted = 0
@@ -136,10 +144,17 @@ class MemoryStateStore:
         if lost:
             return Gate(GateKind.lost, lost=lost)
         mails_pace, parts_pace = copy(self._mails_pace), copy(self._parts_pace)
-        wait = max(mails_pace.take(1, now), parts_pace.take(record.sms_parts, now))
+        lane_mails, lane_parts = (copy(p) for p in self._lane_paces[record.urgent])
+        wait = max(
+            mails_pace.take(1, now),
+            parts_pace.take(record.sms_parts, now),
+            lane_mails.take(1, now),
+            lane_parts.take(record.sms_parts, now),
+        )
         if wait > 0:
             return Gate(GateKind.wait, wait, "pace")
         self._circuit, self._mails_pace, self._parts_pace = circuit, mails_pace, parts_pace
+        self._lane_paces[record.urgent] = (lane_mails, lane_parts)
         for carried in record.requests:
             entry = self._ledger[carried.request_id]
             self._set(carried.request_id, replace(entry, state="sending", mail_id=record.mail_id))

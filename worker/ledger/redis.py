@@ -16,6 +16,7 @@ account's keys in one slot, so the scripts work on Redis Cluster too:
 | `window:<content key>` | sorted set of admission times | `identical_window_s` |
 | `streak:<subscriber>` | hash: last, n | `subscriber_gap_s` |
 | `pace:mails`, `pace:parts` | GCRA theoretical arrival time | at most 2 s |
+| `pace:mails:<lane>`, `pace:parts:<lane>` | the same, a lane's share (high, others) | 2 s |
 | `split:<root mail id>` | hash: failed, ok, mails (a bad-line search) | `dedup_ttl_s` |
 | `circuit` | hash: open_until, pause, probe_until, reason | pause + 1 day |
 | `stopped` | why the account was stopped | 1 day |
@@ -61,6 +62,7 @@ from worker.ledger import (
     StateUnavailable,
     Verdict,
     VerdictKind,
+    lane_share,
 )
 from worker.settings import Settings
 
@@ -349,6 +351,8 @@ class RedisStateStore:
             repr(limits.mails_per_second),
             repr(limits.parts_per_second),
             repr(float(record.sms_parts)),
+            "high" if record.urgent else "others",
+            repr(lane_share(limits, record.urgent)),
             len(ids),
             *ids,
         )
