@@ -599,7 +599,7 @@ async def test_redis_restarted_empty_doubles_nothing_without_saying_unknown(
         except TimeoutError:
             raise AssertionError(missing_report(results, emulator, requests)) from None
         async with asyncio.timeout(30):
-            while service._acker.unacked or len(service._batcher):
+            while service._acker.unacked or service.batched:
                 await asyncio.sleep(0.1)
         await asyncio.sleep(2.5)
 

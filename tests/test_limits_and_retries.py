@@ -93,7 +93,7 @@ async def test_refused_connections_are_retried_through_rabbitmq_until_they_succe
         # Waiting requests sit in RabbitMQ's retry queues, not in the worker's memory: it
         # comes back to holding nothing between their attempts.
         async with asyncio.timeout(10):
-            while len(service._batcher) or service._acker.unacked:
+            while service.batched or service._acker.unacked:
                 await asyncio.sleep(0.01)
         await emulator.faults.accept_connections()
         await results.wait_until(lambda: accepted_once(results, ids), 60)

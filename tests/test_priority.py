@@ -59,7 +59,7 @@ async def test_a_retry_copy_returns_to_its_own_lanes_queue(amqp: AmqpSettings) -
     try:
         for lane in Lane:
             copy = RequestCopy(body=f'{{"lane": "{lane}"}}'.encode(), headers={})
-            await broker.publish(delays=[(copy, 1.0, {}, lane)])
+            await broker.publish(delays=[(copy, 1.0, {}, lane, "default")])
         for lane in Lane:
             queue = broker.consuming_queue(lane)
             async with asyncio.timeout(10):

@@ -220,7 +220,9 @@ async def test_a_ledger_step_that_fails_is_kept_acked_and_applied_when_the_store
         await results.wait_until(lambda: Status.submitted in results.statuses("ledger-late"))
         # Published and acked although the ledger did not take the step: it is kept.
         await eventually(lambda: service._acker.unacked == 0)
-        assert [list(step.sent) for step in service.settler.backlog] == [["ledger-late"]]
+        assert [(name, list(step.sent)) for name, step in service.settler.backlog] == [
+            ("default", ["ledger-late"])
+        ]
         assert await waiting_in(broker, amqp.requests_queue) == 0
 
         store_down = False

@@ -9,7 +9,13 @@ Topology (all durable):
   power-of-two delay and lane, that dead-letter back to their lane's queue when the
   message's time is up (a queue-wide TTL per tier, so a long delay never blocks a short
   one);
-- `<results>` (topic): result events, routing key `sms.result.<status>`.
+- `<results>` (topic): result events, routing key `sms.result.<status>`;
+- per named account (`worker.accounts`): `<requests>.account.<name>` (direct), the exchange
+  its producers publish to with the lane as routing key (`high`, `normal`, `bulk`), bound
+  to its own lane queues `<requests>.account.<name>[.high|.bulk]` with retry queues
+  `<retry>.account.<name>[.high|.bulk].<n>s` of their own: an account's requests, and its
+  retry copies, never share a queue with another's, so a stopped account's wait in its
+  queues while the others are consumed.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from worker.confirmed_publish import RawMessage, publish_confirmed
 from worker.contract import ResultEvent
 from worker.delivery import ERROR_CODE_HEADER, ERROR_HEADER, RequestCopy
 from worker.lanes import Lane
-from worker.settings import AmqpSettings
+from worker.settings import DEFAULT_ACCOUNT, AmqpSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +51,10 @@ RECONNECT_INTERVAL_S = 1.0
 RETRY_TIERS_S = tuple(1 << n for n in range(11))  # 1 s .. 1024 s
 
 
-def retry_queue_name(settings: AmqpSettings, tier_s: int, lane: Lane = Lane.normal) -> str:
-    return f"{settings.retry_queues(lane)}.{tier_s}s"
+def retry_queue_name(
+    settings: AmqpSettings, tier_s: int, lane: Lane = Lane.normal, account: str = DEFAULT_ACCOUNT
+) -> str:
+    return f"{settings.retry_queues(lane, account)}.{tier_s}s"
 
 
 def retry_tier(delay_s: float) -> int:
@@ -76,17 +84,19 @@ class Broker:
         settings: AmqpSettings,
         *,
         published: Callable[[Sequence[ResultEvent]], None] | None = None,
+        accounts: Sequence[str] = (DEFAULT_ACCOUNT,),
     ) -> None:
         self.settings = settings
+        self.accounts = tuple(accounts)
         self._published = published
         self.connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
-        # A channel per lane: its prefetch is the lane's own, so a prefetch full of bulk
-        # requests never holds back an urgent one.
-        self._consume_channels: dict[Lane, AbstractChannel] = {}
+        # A channel per account and lane: its prefetch is the lane's own, so a prefetch full
+        # of bulk requests never holds back an urgent one, nor one account's another's.
+        self._consume_channels: dict[tuple[str, Lane], AbstractChannel] = {}
         self.results: AbstractExchange | None = None
         self.dead_letters: AbstractExchange | None = None
-        self.requests: dict[Lane, AbstractQueue] = {}
+        self.requests: dict[tuple[str, Lane], AbstractQueue] = {}
 
     async def connect(self) -> None:
         self.connection = await aio_pika.connect_robust(
@@ -96,10 +106,11 @@ class Broker:
             reconnect_interval=RECONNECT_INTERVAL_S,
         )
         self._publish_channel = await self.connection.channel(publisher_confirms=True)
-        for lane in Lane:
-            channel = await self.connection.channel(publisher_confirms=True)
-            await channel.set_qos(prefetch_count=self.settings.prefetch_of(lane))
-            self._consume_channels[lane] = channel
+        for account in self.accounts:
+            for lane in Lane:
+                channel = await self.connection.channel(publisher_confirms=True)
+                await channel.set_qos(prefetch_count=self.settings.prefetch_of(lane))
+                self._consume_channels[account, lane] = channel
         await self._declare()
 
     async def _declare(self) -> None:
@@ -116,9 +127,16 @@ class Broker:
             s.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
         )
         await dead_queue.bind(self.dead_letters)
-        for lane, channel in self._consume_channels.items():
-            self.requests[lane] = await channel.declare_queue(
-                s.queue(lane),
+        entrances = {
+            account: await ch.declare_exchange(
+                s.account_exchange(account), aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            for account in self.accounts
+            if account != DEFAULT_ACCOUNT
+        }
+        for (account, lane), channel in self._consume_channels.items():
+            queue = self.requests[account, lane] = await channel.declare_queue(
+                s.queue(lane, account),
                 durable=True,
                 arguments={
                     "x-queue-type": "quorum",
@@ -128,14 +146,16 @@ class Broker:
                     "x-overflow": "reject-publish",
                 },
             )
+            if account in entrances:
+                await queue.bind(entrances[account], lane.value)
             for tier in RETRY_TIERS_S:
                 await ch.declare_queue(
-                    retry_queue_name(s, tier, lane),
+                    retry_queue_name(s, tier, lane, account),
                     durable=True,
                     arguments={
                         "x-message-ttl": tier * 1000,
                         "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": s.queue(lane),
+                        "x-dead-letter-routing-key": s.queue(lane, account),
                     },
                 )
 
@@ -170,12 +190,12 @@ class Broker:
         self,
         events: Sequence[Outgoing] = (),
         dead_letters: Sequence[tuple[RequestCopy, str, str]] = (),
-        delays: Sequence[tuple[RequestCopy, float, Mapping[str, Any], Lane]] = (),
+        delays: Sequence[tuple[RequestCopy, float, Mapping[str, Any], Lane, str]] = (),
     ) -> None:
         """Publish a settled set in one confirmed write: result events (to the results
         exchange and the request's reply_to), dead-letter copies with the reason in their
         headers, and copies sent back to the work queue through the retry queue fitting each
-        delay (in the copy's own lane). Raise if any is not confirmed in time."""
+        delay (in the copy's own account and lane). Raise if any is not confirmed in time."""
         assert self.results is not None
         messages: list[RawMessage] = []
         for item in events:
@@ -197,14 +217,18 @@ class Broker:
             messages.append(
                 copy.to_message(s.dead_letter_exchange, s.requests_queue, reason_headers)
             )
-        for copy, delay_s, headers, lane in delays:
+        for copy, delay_s, headers, lane, account in delays:
             target = (
-                s.queue(lane) if delay_s <= 0 else retry_queue_name(s, retry_tier(delay_s), lane)
+                s.queue(lane, account)
+                if delay_s <= 0
+                else retry_queue_name(s, retry_tier(delay_s), lane, account)
             )
             messages.append(copy.to_message("", target, headers))
         await self._confirmed(messages)
         if self._published is not None and events:
             self._published([item.event for item in events])
 
-    def consuming_queue(self, lane: Lane = Lane.normal) -> AbstractQueue:
-        return self.requests[lane]
+    def consuming_queue(
+        self, lane: Lane = Lane.normal, account: str = DEFAULT_ACCOUNT
+    ) -> AbstractQueue:
+        return self.requests[account, lane]

@@ -335,6 +335,12 @@ class ResultEvent(BaseModel):
     retry_at: datetime | None = Field(None, description="For retrying/deferred: next attempt.")
     timestamp: datetime
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    account: str | None = Field(
+        None,
+        description="The gateway account the request was for: the account whose queue it "
+        "arrived on (`default`, or a named account's). Null only in events published "
+        "before the worker had accounts.",
+    )
 
     @property
     def routing_key(self) -> str:
@@ -356,6 +362,7 @@ class ResultEvent(BaseModel):
         retry_at: datetime | None = None,
         timestamp: datetime | None = None,
         metadata: dict[str, MetadataValue] | None = None,
+        account: str | None = None,
     ) -> ResultEvent:
         """An event with a stable id: the same outcome of the same attempt gets the same id.
         `source` tells apart events that have no request id (the AMQP message id).
@@ -366,6 +373,10 @@ class ResultEvent(BaseModel):
         from requests the worker has validated already and events are published by the
         thousand."""
         name = f"{request_id}|{status.value}|{attempt}|{gateway_id}|{source}"
+        if account not in (None, "default"):
+            # Each account has a ledger of its own, so a request id may be used in two; the
+            # default account's ids stay what they were before accounts had names.
+            name = f"{name}|{account}"
         return cls.model_construct(
             schema_version=SCHEMA_VERSION,
             event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, name)),
@@ -380,4 +391,5 @@ class ResultEvent(BaseModel):
             retry_at=retry_at,
             timestamp=timestamp or datetime.now(UTC),
             metadata={} if metadata is None else metadata,
+            account=account,
         )

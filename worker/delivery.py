@@ -212,9 +212,13 @@ class Delivery:
     returned: int = 0
     # The queue it came from says how urgent it is; its copies go back there.
     lane: Lane = Lane.normal
+    # The account whose queue it came from: the only account it may use.
+    account: str = "default"
 
     @classmethod
-    def capture(cls, message: AbstractIncomingMessage, lane: Lane = Lane.normal) -> Delivery:
+    def capture(
+        cls, message: AbstractIncomingMessage, lane: Lane = Lane.normal, account: str = "default"
+    ) -> Delivery:
         tag = message.delivery_tag
         assert tag is not None
         count = (message.headers or {}).get("x-delivery-count", 0)
@@ -225,6 +229,7 @@ class Delivery:
             redelivered=bool(message.redelivered),
             returned=count if isinstance(count, int) and not isinstance(count, bool) else 0,
             lane=lane,
+            account=account,
         )
 
     @property

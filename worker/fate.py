@@ -60,6 +60,7 @@ class Subject:
     # The split it travels in (`Split.group`), kept by every copy until it ends.
     group: str = ""
     lane: Lane = Lane.normal
+    account: str = "default"
     # Whether the ledger holds this process's claim (or later state) for it, to be advanced
     # or released by the settlement.
     claimed: bool = False
@@ -78,6 +79,7 @@ class Subject:
             sms_parts=carried.sms_parts,
             group=group,
             lane=carried.lane,
+            account=carried.account,
             claimed=True,
         )
 

@@ -52,24 +52,27 @@ class Metrics:
         r = self.registry
         self.results = Counter(
             "smsc_request_results",
-            "Result events published (and confirmed), by status",
-            ["status"],
+            "Result events published (and confirmed), by status and account",
+            ["status", "account"],
             registry=r,
         )
         self.retries = Counter(
             "smsc_retries",
-            "Requests scheduled for another attempt, by reason",
-            ["reason"],
+            "Requests scheduled for another attempt, by reason and account",
+            ["reason", "account"],
             registry=r,
         )
         self.deferrals = Counter(
             "smsc_deferrals",
-            "Requests held back for a limit or a paused account, by reason",
-            ["reason"],
+            "Requests held back for a limit or a paused account, by reason and account",
+            ["reason", "account"],
             registry=r,
         )
         self.emails = Counter(
-            "smsc_emails", "E-mails submitted over SMTP, by outcome", ["outcome"], registry=r
+            "smsc_emails",
+            "E-mails submitted over SMTP, by outcome and account",
+            ["outcome", "account"],
+            registry=r,
         )
         self.email_lines = Histogram(
             "smsc_email_lines",
@@ -81,12 +84,15 @@ class Metrics:
             "smsc_email_bytes", "Size of each submitted e-mail", buckets=BYTE_BUCKETS, registry=r
         )
         self.sms_parts = Counter(
-            "smsc_sms_parts", "SMS parts (times recipients) handed to the gateway", registry=r
+            "smsc_sms_parts",
+            "SMS parts (times recipients) handed to the gateway, by account",
+            ["account"],
+            registry=r,
         )
         self.gateway_errors = Counter(
             "smsc_gateway_errors",
-            "Error replies from the gateway, by error number",
-            ["error"],
+            "Error replies from the gateway, by error number and account",
+            ["error", "account"],
             registry=r,
         )
         self.settle_skipped = Counter(
@@ -128,7 +134,10 @@ class Metrics:
         )
         self.state_up = Gauge("smsc_state_up", "1 while the shared state store answers", registry=r)
         self.circuit = Gauge(
-            "smsc_circuit_state", "1 for the circuit breaker's current state", ["state"], registry=r
+            "smsc_circuit_state",
+            "1 for the current state of each account's circuit breaker",
+            ["account", "state"],
+            registry=r,
         )
         self.to_submitted = Histogram(
             "smsc_request_to_submitted_seconds",
@@ -149,36 +158,39 @@ class Metrics:
             registry=r,
         )
         # Zeros from the start: a rate over a series that appears late misses its first step.
-        for status in Status:
-            self.results.labels(status.value)
         for reason in REFUSAL_REASONS:
             self.replies_refused.labels(reason)
 
-    def watch(self, circuit: Callable[[], CircuitView]) -> None:
-        """Read the circuit's last known state at each scrape."""
+    def watch(self, account: str, circuit: Callable[[], CircuitView]) -> None:
+        """An account: its results' series start at zero, and its circuit's last known
+        state is read at each scrape."""
+        for status in Status:
+            self.results.labels(status.value, account)
+        self.sms_parts.labels(account)
 
         def is_in(state: CircuitView) -> float:
             return 1.0 if circuit() == state else 0.0
 
         for state in CircuitView:
-            self.circuit.labels(state.value).set_function(partial(is_in, state))
+            self.circuit.labels(account, state.value).set_function(partial(is_in, state))
 
     def published(self, events: Sequence[ResultEvent]) -> None:
         for event in events:
-            self.results.labels(event.status.value).inc()
+            account = event.account or ""
+            self.results.labels(event.status.value, account).inc()
             reason = event.error.code if event.error else ""
             if event.status == Status.retrying:
-                self.retries.labels(reason).inc()
+                self.retries.labels(reason, account).inc()
             elif event.status == Status.deferred:
-                self.deferrals.labels(reason).inc()
+                self.deferrals.labels(reason, account).inc()
             elif event.status in (Status.submitted, Status.unknown):
-                self.sms_parts.inc(event.sms_count or 0)
+                self.sms_parts.labels(account).inc(event.sms_count or 0)
 
     def reply_refused(self, reason: str) -> None:
         self.replies_refused.labels(reason).inc()
 
-    def mail(self, outcome: str, lines: int, size: int) -> None:
-        self.emails.labels(outcome).inc()
+    def mail(self, outcome: str, account: str, lines: int, size: int) -> None:
+        self.emails.labels(outcome, account).inc()
         self.email_lines.observe(lines)
         self.email_bytes.observe(size)
 

@@ -30,6 +30,7 @@ from types import TracebackType
 from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry.trace import TracerProvider
 
+from worker.accounts import GatewayAccount, accounts_of
 from worker.batcher import Batch, Batcher, LineRefused
 from worker.broker import Broker
 from worker.contract import SendRequest
@@ -78,7 +79,7 @@ from worker.ledger.factory import open_store
 from worker.ledger.memory import MemoryStateStore
 from worker.prepare import BatchKey, PreparedRequest, check_not_expired, prepare
 from worker.protocol.fields import new_mail_id
-from worker.protocol.mail import Account, Envelope, MailBuilder
+from worker.protocol.mail import Envelope, MailBuilder
 from worker.protocol.recipients import sms_count
 from worker.protocol.replies import Accepted as AcceptedReply
 from worker.protocol.replies import Action, Rejected, Reply
@@ -92,7 +93,7 @@ from worker.reply_receiver import (
     parse_networks,
     parse_senders,
 )
-from worker.settings import Settings
+from worker.settings import DEFAULT_ACCOUNT, Settings
 from worker.settle import Acker, Settler
 from worker.smtp_client import GatewaySmtp, SubmitResult
 from worker.smtp_server import ListenerLimits, bound_port, serve_smtp, server_tls_context
@@ -144,6 +145,10 @@ class Pending:
     def request(self) -> SendRequest:
         return self.prepared.request
 
+    @property
+    def account(self) -> str:
+        return self.delivery.account
+
     def subject(self, *, claimed: bool = True) -> Subject:
         return Subject(
             delivery=self.delivery,
@@ -157,6 +162,7 @@ class Pending:
             sms_parts=self.prepared.sms_parts,
             group=self.provenance.group,
             lane=self.delivery.lane,
+            account=self.delivery.account,
             claimed=claimed,
         )
 
@@ -171,6 +177,7 @@ class Pending:
             copy=self.delivery.copy,
             content_key=self.prepared.content_key,
             lane=self.delivery.lane,
+            account=self.delivery.account,
         )
 
 
@@ -198,33 +205,46 @@ class Service:
     ) -> None:
         self.settings = settings
         self.telemetry = Telemetry(settings, tracer_provider)
-        self.broker = Broker(settings.amqp, published=self.telemetry.published)
-        self.store: StateStore = store or open_store(settings)
+        self.accounts: dict[str, GatewayAccount] = accounts_of(settings)
+        self.broker = Broker(
+            settings.amqp, published=self.telemetry.published, accounts=list(self.accounts)
+        )
+        # One store per account: its ledger, limits, pace, circuit and stopped flag, under
+        # keys that carry its tag. `store` is the default account's.
+        self.stores: dict[str, StateStore] = {
+            name: open_store(settings, account) for name, account in self.accounts.items()
+        }
+        if store is not None:
+            self.stores[DEFAULT_ACCOUNT] = store
         self.signer = HeaderSigner(header_key(settings))
         self.reply_addresses = ReplyAddresses(settings.reply.address, *reply_token_keys(settings))
         self._acker = Acker(self.telemetry)
         self.settler = Settler(
             self.broker,
-            self.store,
+            self.stores,
             self._acker,
             self.telemetry,
             self.signer,
             settings.amqp.delivery_limit,
         )
-        self._account = Account(settings.gateway.login, settings.gateway.password)
-        self._batcher: Batcher[Pending] = Batcher(
-            self._new_builder,
-            max_lines=settings.batch.max_lines,
-            max_wait=settings.batch.max_wait_ms / 1000,
-            high_max_wait=settings.batch.high_max_wait_ms / 1000,
-        )
-        self.circuit_view = CircuitView.closed
-        self.telemetry.watch(lambda: self.circuit_view)
+        # Each account's e-mails carry its credentials: its requests are batched apart.
+        self._batchers: dict[str, Batcher[Pending]] = {
+            name: Batcher(
+                partial(self._new_builder, name),
+                max_lines=settings.batch.max_lines,
+                max_wait=settings.batch.max_wait_ms / 1000,
+                high_max_wait=settings.batch.high_max_wait_ms / 1000,
+            )
+            for name in self.accounts
+        }
+        self.circuits = dict.fromkeys(self.accounts, CircuitView.closed)
+        for name in self.accounts:
+            self.telemetry.watch(name, partial(self.circuits.__getitem__, name))
         # High-priority e-mails have SMTP connections of their own: one never waits for a
         # connection busy with bulk.
         self._smtp: dict[bool, GatewaySmtp] = {}
         self._reply_server: asyncio.Server | None = None
-        self._consumer_tags: dict[Lane, str] = {}
+        self._consumer_tags: dict[tuple[str, Lane], str] = {}
         # Start and stop come from the intake, the submissions, replies and the state
         # watcher: one at a time, or two consumers could be started.
         self._consuming = asyncio.Lock()
@@ -249,8 +269,23 @@ class Service:
         self._replies: set[str] = set()
         self._stopped = asyncio.Event()
         self.draining = False
-        self.account_stopped = False
+        # Accounts whose credentials the gateway refused (error 2): not consumed.
+        self.stopped_accounts: set[str] = set()
         self.state_ok = True
+
+    @property
+    def store(self) -> StateStore:
+        return self.stores[DEFAULT_ACCOUNT]
+
+    @property
+    def account_stopped(self) -> bool:
+        """The default account was stopped."""
+        return DEFAULT_ACCOUNT in self.stopped_accounts
+
+    @property
+    def batched(self) -> int:
+        """Requests waiting in open batches, of every account."""
+        return sum(len(b) for b in self._batchers.values())
 
     # lifecycle -----------------------------------------------------------------------
 
@@ -268,7 +303,8 @@ class Service:
 
     async def start(self) -> None:
         s = self.settings
-        await self.store.start()
+        for store in self.stores.values():
+            await store.start()
         self.telemetry.metrics.state_up.set(1)
         self._smtp = {
             False: GatewaySmtp(s.smtp),
@@ -282,7 +318,7 @@ class Service:
         handler = ReplyHandler(
             self.reply_addresses,
             self.on_reply,
-            self.store.knows_mail,
+            self._knows_mail,
             allowed_networks=parse_networks(s.reply.allowed_networks),
             allowed_senders=parse_senders(s.reply.allowed_senders),
             refused=self.telemetry.metrics.reply_refused,
@@ -317,13 +353,13 @@ class Service:
             self._watch_state,
         ):
             self._background.append(asyncio.create_task(self._keep_running(loop)))
-        if await self.store.account_stopped() is not None:
-            self._note_account_stopped()
-        else:
-            await self._start_consuming()
+        for name, store in self.stores.items():
+            if await store.account_stopped() is not None:
+                self._note_account_stopped(name)
+        await self._start_consuming()
         log.info(
             "consuming %s; replies on %s:%d",
-            ", ".join(s.amqp.queue(lane) for lane in Lane),
+            ", ".join(s.amqp.queue(lane, name) for name in self.accounts for lane in Lane),
             s.reply.host,
             self.reply_port,
         )
@@ -335,12 +371,14 @@ class Service:
 
     @property
     def ready(self) -> bool:
+        """Taking requests for at least one account whose circuit is closed: one stopped
+        or paused account does not make the worker unready while others are served."""
+        consuming = {name for name, _ in self._consumer_tags}
         return (
             self.broker.is_connected
-            and bool(self._consumer_tags)
             and not self.draining
             and self.state_ok
-            and self.circuit_view == CircuitView.closed
+            and any(self.circuits[name] == CircuitView.closed for name in consuming)
         )
 
     def stop(self) -> None:
@@ -350,23 +388,32 @@ class Service:
         await self._stopped.wait()
 
     async def _start_consuming(self) -> None:
+        """Consume every account that is not stopped and not consumed yet."""
         async with self._consuming:
-            if self._consumer_tags or self.draining or self.account_stopped:
+            if self.draining or not self.state_ok:
                 return
-            for lane in Lane:
-                queue = self.broker.consuming_queue(lane)
-                self._consumer_tags[lane] = await queue.consume(
-                    self.telemetry.consumer(partial(self._on_message, lane), queue.name)
-                )
+            for name in self.accounts:
+                if name in self.stopped_accounts:
+                    continue
+                for lane in Lane:
+                    if (name, lane) in self._consumer_tags:
+                        continue
+                    queue = self.broker.consuming_queue(lane, name)
+                    self._consumer_tags[name, lane] = await queue.consume(
+                        self.telemetry.consumer(partial(self._on_message, lane, name), queue.name)
+                    )
 
-    async def _stop_consuming(self) -> None:
+    async def _stop_consuming(self, account: str | None = None) -> None:
+        """Stop consuming one account (its requests wait in its queues), or every one."""
         async with self._consuming:
-            tags, self._consumer_tags = self._consumer_tags, {}
-            for lane, tag in tags.items():
+            for name, lane in list(self._consumer_tags):
+                if account is not None and name != account:
+                    continue
+                tag = self._consumer_tags.pop((name, lane))
                 try:
-                    await self.broker.consuming_queue(lane).cancel(tag)
+                    await self.broker.consuming_queue(lane, name).cancel(tag)
                 except Exception as exc:
-                    log.warning("could not cancel the %s consumer: %s", lane, exc)
+                    log.warning("could not cancel the %s consumer of %s: %s", lane, name, exc)
 
     async def drain(self) -> None:
         """Stop taking requests, send what is batched, wait for it, close."""
@@ -381,8 +428,9 @@ class Service:
                     self._inbox_ready.set()
                     await asyncio.sleep(0.01)
         while True:
-            for batch in self._batcher.drain():
-                self._launch(batch)
+            for batcher in self._batchers.values():
+                for batch in batcher.drain():
+                    self._launch(batch)
             if not self._tasks:
                 break
             _, late = await asyncio.wait(
@@ -403,7 +451,8 @@ class Service:
         for smtp in self._smtp.values():
             await smtp.close()
         await self.broker.close()
-        await self.store.close()
+        for store in self.stores.values():
+            await store.close()
         self._stopped.set()
         log.info("stopped")
 
@@ -411,8 +460,8 @@ class Service:
         """A store of this process alone: replies to its e-mails can only be matched here,
         so the receiver stays open for them while the drain time lasts. A shared store lets
         any replica match them."""
-        local = isinstance(self.store, MemoryStateStore)
-        while self._replies or (local and await self.store.unanswered(time.time())):
+        local = [s for s in self.stores.values() if isinstance(s, MemoryStateStore)]
+        while self._replies or any([await s.unanswered(time.time()) for s in local]):
             if time.monotonic() >= deadline:
                 log.warning("stopping with e-mails still unanswered")
                 return
@@ -452,10 +501,12 @@ class Service:
         interval = self.settings.state.owner_ttl_s / 3
         while True:
             try:
-                await self.store.heartbeat()
+                stopped: dict[str, bool] = {}
+                for name, store in self.stores.items():
+                    await store.heartbeat()
+                    self.circuits[name] = await store.circuit()
+                    stopped[name] = await store.account_stopped() is not None
                 await self.settler.apply_backlog()
-                self.circuit_view = await self.store.circuit()
-                stopped = await self.store.account_stopped()
             except StateUnavailable as exc:
                 self.telemetry.metrics.state_unavailable.labels("heartbeat").inc()
                 await self._state_lost(exc)
@@ -465,12 +516,15 @@ class Service:
                 log.warning("the state store answers again: consuming")
                 self.state_ok = True
                 self.telemetry.metrics.state_up.set(1)
-            if stopped is not None and not self.account_stopped:
-                self._note_account_stopped()
-            if not self.account_stopped:
-                await self._start_consuming()
-            else:
-                await self._stop_consuming()
+            for name, is_stopped in stopped.items():
+                if is_stopped:
+                    self._note_account_stopped(name)
+                    await self._stop_consuming(name)
+                elif name in self.stopped_accounts:
+                    # The operator cleared the flag (the credentials were fixed).
+                    log.warning("account %s is no longer stopped: consuming it again", name)
+                    self.stopped_accounts.discard(name)
+            await self._start_consuming()
             await asyncio.sleep(interval)
 
     async def _state_lost(self, exc: Exception) -> None:
@@ -480,19 +534,21 @@ class Service:
             self.telemetry.metrics.state_up.set(0)
         await self._stop_consuming()
 
-    def _note_account_stopped(self) -> None:
-        if not self.account_stopped:
+    def _note_account_stopped(self, account: str) -> None:
+        if account not in self.stopped_accounts:
             log.error(
-                "ALERT: the gateway refused the account's credentials; sending stopped, "
-                "requests stay queued until the account is fixed and the flag cleared"
+                "ALERT: the gateway refused the credentials of account %s; its sending "
+                "stopped, its requests stay queued until the account is fixed and the flag "
+                "cleared (other accounts go on)",
+                account,
             )
-        self.account_stopped = True
+        self.stopped_accounts.add(account)
 
     # consume -> read -------------------------------------------------------------------
 
-    async def _on_message(self, lane: Lane, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, lane: Lane, account: str, message: AbstractIncomingMessage) -> None:
         try:
-            delivery = Delivery.capture(message, lane)
+            delivery = Delivery.capture(message, lane, account)
         except Exception as exc:
             # Its channel is gone: the broker has requeued it already.
             log.warning("delivery from a closed channel skipped: %s", exc)
@@ -521,12 +577,12 @@ class Service:
             log.exception("a delivery could not be read")
             return Arrival(
                 delivery,
-                Subject(delivery, None, delivery.copy),
+                Subject(delivery, None, delivery.copy, account=delivery.account),
                 Reject("unprocessable", f"could not be read: {type(exc).__name__}"),
             )
 
     def _read_delivery(self, delivery: Delivery) -> Arrival:
-        plain = Subject(delivery, None, delivery.copy)
+        plain = Subject(delivery, None, delivery.copy, account=delivery.account)
         limit = self.settings.amqp.max_body_bytes
         if len(delivery.body) > limit:
             # Not parsed at all, not even for its request id: the size alone decides.
@@ -563,7 +619,7 @@ class Service:
         try:
             prepared = prepare(
                 request,
-                self.settings.gateway,
+                self.accounts[delivery.account].gateway,
                 self.settings.default_channel,
                 datetime.now(UTC),
                 provenance.group,
@@ -626,37 +682,12 @@ class Service:
                 elif pending is not None:
                     self._held.add(pending.request.request_id)
                     waiting.append(pending)
-            if not waiting:
-                return
-            try:
-                verdicts = await self.store.intake(
-                    [
-                        Intake(
-                            p.request.request_id,
-                            fingerprint(p.delivery.body),
-                            p.prepared.content_key,
-                            tuple(r.key for r in p.prepared.recipients),
-                            p.delivery.redelivered or p.provenance.in_doubt,
-                        )
-                        for p in waiting
-                    ]
-                )
-            except StateUnavailable as exc:
-                self.telemetry.metrics.state_unavailable.labels("intake").inc()
-                await self._state_lost(exc)
-                for p in waiting:
-                    self._held.discard(p.request.request_id)
-                    decided.append((p.subject(claimed=False), Requeue("state unavailable")))
-                return
-            policy = self.settings.limits.identical_policy
-            for pending, verdict in zip(waiting, verdicts, strict=True):
-                fate = from_verdict(verdict, policy)
-                if fate is not None:
-                    self._held.discard(pending.request.request_id)
-                    decided.append((pending.subject(claimed=False), fate))
-                    continue
-                self._batch(pending, decided)
-                batched.add(id(pending.delivery))
+            by_account: dict[str, list[Pending]] = {}
+            for pending in waiting:
+                by_account.setdefault(pending.account, []).append(pending)
+            # One store call per account in the burst (each account has its own ledger).
+            for account, group in by_account.items():
+                await self._judge_account(account, group, decided, batched)
             self._flush_wake.set()
         finally:
             settled = {id(s.delivery) for s, _ in decided} | batched
@@ -666,9 +697,46 @@ class Service:
             if decided:
                 await asyncio.shield(self.settler.settle(decided))
 
+    async def _judge_account(
+        self,
+        account: str,
+        waiting: list[Pending],
+        decided: list[tuple[Subject, Fate]],
+        batched: set[int],
+    ) -> None:
+        try:
+            verdicts = await self.stores[account].intake(
+                [
+                    Intake(
+                        p.request.request_id,
+                        fingerprint(p.delivery.body),
+                        p.prepared.content_key,
+                        tuple(r.key for r in p.prepared.recipients),
+                        p.delivery.redelivered or p.provenance.in_doubt,
+                    )
+                    for p in waiting
+                ]
+            )
+        except StateUnavailable as exc:
+            self.telemetry.metrics.state_unavailable.labels("intake").inc()
+            await self._state_lost(exc)
+            for p in waiting:
+                self._held.discard(p.request.request_id)
+                decided.append((p.subject(claimed=False), Requeue("state unavailable")))
+            return
+        policy = self.settings.limits.identical_policy
+        for pending, verdict in zip(waiting, verdicts, strict=True):
+            fate = from_verdict(verdict, policy)
+            if fate is not None:
+                self._held.discard(pending.request.request_id)
+                decided.append((pending.subject(claimed=False), fate))
+                continue
+            self._batch(pending, decided)
+            batched.add(id(pending.delivery))
+
     def _batch(self, pending: Pending, decided: list[tuple[Subject, Fate]]) -> None:
         try:
-            closed = self._batcher.add(
+            closed = self._batchers[pending.account].add(
                 pending.prepared.key, pending.prepared.line, pending, time.monotonic()
             )
         except LineRefused as exc:
@@ -678,7 +746,7 @@ class Service:
         for batch in closed:
             self._launch(batch)
 
-    def _new_builder(self, key: BatchKey) -> MailBuilder:
+    def _new_builder(self, account: str, key: BatchKey) -> MailBuilder:
         mail_id = new_mail_id()
         return MailBuilder(
             Envelope(
@@ -687,7 +755,7 @@ class Service:
                 charset=self.settings.gateway.charset,
                 text_tags=self.settings.gateway.text_tags,
             ),
-            self._account,
+            self.accounts[account].credentials,
             mail_id,
             key.options,
             charset=key.charset,
@@ -709,7 +777,14 @@ class Service:
     async def _flush_when_due(self) -> None:
         while True:
             self._flush_wake.clear()
-            deadline = self._batcher.next_deadline(self._may_go)
+            deadline = min(
+                (
+                    d
+                    for b in self._batchers.values()
+                    if (d := b.next_deadline(self._may_go)) is not None
+                ),
+                default=None,
+            )
             delay = None if deadline is None else deadline - time.monotonic()
             if delay is None or delay > 0:
                 # A new batch may be due sooner (a high-priority one), or a connection free.
@@ -717,8 +792,9 @@ class Service:
                     async with asyncio.timeout(delay):
                         await self._flush_wake.wait()
                 continue
-            for batch in self._batcher.due(time.monotonic(), self._may_go):
-                self._launch(batch)
+            for batcher in self._batchers.values():
+                for batch in batcher.due(time.monotonic(), self._may_go):
+                    self._launch(batch)
 
     # gate -> submit -> settle ----------------------------------------------------------
 
@@ -746,10 +822,14 @@ class Service:
                 )
 
     async def _settle(
-        self, items: Sequence[tuple[Subject, Fate]], mails_done: Sequence[str] = ()
+        self,
+        items: Sequence[tuple[Subject, Fate]],
+        mails_done: Sequence[str] = (),
+        *,
+        account: str = DEFAULT_ACCOUNT,
     ) -> None:
         try:
-            await self.settler.settle(items, mails_done=mails_done)
+            await self.settler.settle(items, mails_done=mails_done, account=account)
         finally:
             for subject, _ in items:
                 if subject.request_id is not None:
@@ -789,6 +869,8 @@ class Service:
     async def _pass_gate(self, batch: Batch[Pending], live: list[Pending]) -> bool:
         """Wait for the account, the circuit and the pace, then write the e-mail's record
         and mark its requests `sending`. True when the requests were settled instead."""
+        account = live[0].account
+        store = self.stores[account]
         waited = 0.0
         limit = self.settings.retry.circuit_max_s
         while True:
@@ -801,7 +883,7 @@ class Service:
                 group=live[0].provenance.group,
             )
             try:
-                gate = await self.store.begin_sending(record)
+                gate = await store.begin_sending(record)
             except StateUnavailable as exc:
                 self.telemetry.metrics.state_unavailable.labels("begin_sending").inc()
                 await self._state_lost(exc)
@@ -809,12 +891,14 @@ class Service:
                 return True
             if gate.kind == GateKind.go:
                 if gate.probe:
-                    self.circuit_view = CircuitView.half_open
-                    log.info("circuit half-open: e-mail %s is the probe", batch.mail_id)
+                    self.circuits[account] = CircuitView.half_open
+                    log.info(
+                        "circuit of %s half-open: e-mail %s is the probe", account, batch.mail_id
+                    )
                 return False
             if gate.kind == GateKind.stopped:
-                self._note_account_stopped()
-                await self._stop_consuming()
+                self._note_account_stopped(account)
+                await self._stop_consuming(account)
                 await self._settle([(p.subject(), Requeue("account stopped")) for p in live])
                 return True
             if gate.kind == GateKind.lost:
@@ -835,7 +919,7 @@ class Service:
                 batch = self._rebuild(batch, live)
                 continue
             if gate.reason == "circuit_open":
-                self.circuit_view = CircuitView.open
+                self.circuits[account] = CircuitView.open
             # Unacked requests must not wait out pause after pause: past the longest single
             # pause they go back to RabbitMQ (its consumer timeout is 30 min).
             if waited + gate.wait > limit:
@@ -859,7 +943,7 @@ class Service:
             waited += gate.wait
 
     async def _submit_mail(self, batch: Batch[Pending], live: list[Pending], mail: bytes) -> None:
-        with self.telemetry.smtp(batch.mail_id, len(live), len(mail)) as smtp_call:
+        with self.telemetry.smtp(batch.mail_id, len(live), len(mail), live[0].account) as smtp_call:
             result = await self._smtp[batch.key.lane == Lane.high].submit(
                 self.reply_addresses.address(batch.mail_id),
                 self.settings.gateway.address,
@@ -873,7 +957,8 @@ class Service:
             len(live),
             len(mail),
         )
-        await self._settle(*self._after_smtp(result, batch.mail_id, live))
+        items, mails_done = self._after_smtp(result, batch.mail_id, live)
+        await self._settle(items, mails_done, account=live[0].account)
 
     def _after_smtp(
         self, result: SubmitResult, mail_id: str, live: list[Pending]
@@ -898,7 +983,9 @@ class Service:
         return items, [mail_id]
 
     def _rebuild(self, batch: Batch[Pending], live: list[Pending]) -> Batch[Pending]:
-        rebuilt: Batch[Pending] = Batch(batch.key, self._new_builder(batch.key), batch.opened_at)
+        rebuilt: Batch[Pending] = Batch(
+            batch.key, self._new_builder(live[0].account, batch.key), batch.opened_at
+        )
         for pending in live:
             rebuilt.builder.try_add(pending.prepared.line)
             rebuilt.items.append(pending)
@@ -918,19 +1005,36 @@ class Service:
             submitting = self._submitting.get(mail_id)
             if submitting is not None:
                 await asyncio.shield(submitting)
-            record = await self.store.take_mail(mail_id)
-            if record is None:
+            found = await self._take_mail(mail_id)
+            if found is None:
                 log.warning("reply for unknown or already answered e-mail %s: %s", mail_id, reply)
                 return
+            account, record = found
             try:
-                with self.telemetry.reply(record, reply):
-                    await self._apply_reply(record, reply)
+                with self.telemetry.reply(record, reply, account):
+                    await self._apply_reply(account, record, reply)
             except Exception:
                 with contextlib.suppress(StateUnavailable):
-                    await self.store.give_back_mail(mail_id)
+                    await self.stores[account].give_back_mail(mail_id)
                 raise
         finally:
             self._replies.discard(mail_id)
+
+    async def _take_mail(self, mail_id: str) -> tuple[str, MailRecord] | None:
+        """An e-mail's record and its account. The reply address names the e-mail, not its
+        account: each account's store is asked (a mail id is random, so at most one holds
+        it), which works whichever replica sent the e-mail and whichever gets the reply."""
+        for account, store in self.stores.items():
+            record = await store.take_mail(mail_id)
+            if record is not None:
+                return account, record
+        return None
+
+    async def _knows_mail(self, mail_id: str) -> bool:
+        for store in self.stores.values():
+            if await store.knows_mail(mail_id):
+                return True
+        return False
 
     async def keep_unreadable_reply(self, copy: UnreadableCopy) -> None:
         """A reply with no answer that can be read: its raw bytes, the secrets and address
@@ -955,18 +1059,19 @@ class Service:
             ", ".join(copy.mail_ids) or "?",
         )
 
-    async def _apply_reply(self, record: MailRecord, reply: Reply) -> None:
+    async def _apply_reply(self, account: str, record: MailRecord, reply: Reply) -> None:
+        store = self.stores[account]
         subjects = [Subject.of_carried(c, record.group) for c in record.requests]
         if isinstance(reply, AcceptedReply):
-            await self.store.close_circuit()
-            if self.circuit_view != CircuitView.closed:
-                log.info("circuit closed")
-            self.circuit_view = CircuitView.closed
+            await store.close_circuit()
+            if self.circuits[account] != CircuitView.closed:
+                log.info("circuit of %s closed", account)
+            self.circuits[account] = CircuitView.closed
             self._compare_parts(record, reply)
-            await self._note_split(record, reply)
+            await self._note_split(store, record, reply)
             fates: Iterable[Fate] = [Accepted(record.mail_id)] * len(subjects)
         else:
-            split, notes = await self._note_split(record, reply)
+            split, notes = await self._note_split(store, record, reply)
             plan = after_error(
                 reply,
                 record.mail_id,
@@ -985,20 +1090,27 @@ class Service:
             if plan.circuit:
                 funds = self.settings.retry.funds_pause_s if plan.circuit == "funds" else None
                 text = f"gateway error {int(reply.error)}: {reply.description}"
-                pause = await self.store.open_circuit(text, funds)
-                self.circuit_view = CircuitView.open
-                log.warning("circuit open for %.0f s: %s", pause, text)
+                # Funds are the account's own; a blocked IP is every account's that sends
+                # from it, and every account of this worker does.
+                paused = [account] if funds is not None else list(self.stores)
+                pause = 0.0
+                for name in paused:
+                    chosen = await self.stores[name].open_circuit(text, funds)
+                    self.circuits[name] = CircuitView.open
+                    log.warning("circuit of %s open for %.0f s: %s", name, chosen, text)
+                    if name == account:
+                        pause = chosen
                 fates = [replace(f, wait=pause) if isinstance(f, Later) else f for f in fates]
             if plan.stop_account:
-                await self.store.stop_account(reply.description or "credentials refused")
-                self._note_account_stopped()
-                await self._stop_consuming()
+                await store.stop_account(reply.description or "credentials refused")
+                self._note_account_stopped(account)
+                await self._stop_consuming(account)
         await self.settler.settle(
-            list(zip(subjects, fates, strict=True)), mails_done=[record.mail_id]
+            list(zip(subjects, fates, strict=True)), mails_done=[record.mail_id], account=account
         )
 
     async def _note_split(
-        self, record: MailRecord, reply: Reply
+        self, store: StateStore, record: MailRecord, reply: Reply
     ) -> tuple[Split | None, SplitNotes | None]:
         """For an e-mail of a split, or one refused for an error one line can cause: count
         its answer in the split (any replica may have sent its other e-mails) and, for a
@@ -1011,7 +1123,7 @@ class Service:
         split = Split.of(record.group, record.mail_id, len(record.requests))
         if not failed and not split.path:
             return None, None
-        notes = await self.store.note_split(
+        notes = await store.note_split(
             split.root,
             failed=failed,
             allowance=split.allowance,
@@ -1045,17 +1157,19 @@ class Service:
         while True:
             await asyncio.sleep(min(timeout / 4, 60))
             try:
-                stale = await self.store.unanswered(time.time() - timeout)
-                for mail_id in stale:
-                    await self._expire(mail_id, waited_s=timeout)
+                for account, store in self.stores.items():
+                    stale = await store.unanswered(time.time() - timeout)
+                    for mail_id in stale:
+                        await self._expire(account, mail_id, waited_s=timeout)
             except StateUnavailable:
                 self.telemetry.metrics.state_unavailable.labels("sweep").inc()
             except Exception:
                 log.exception("sweeping unanswered e-mails failed")
 
-    async def _expire(self, mail_id: str, waited_s: float) -> None:
+    async def _expire(self, account: str, mail_id: str, waited_s: float) -> None:
+        store = self.stores[account]
         try:
-            record = await self.store.take_mail(mail_id)
+            record = await store.take_mail(mail_id)
         except MailBusy:
             return
         if record is None:
@@ -1079,8 +1193,10 @@ class Service:
             fate = Fail("outcome_unknown", message, mail_id=mail_id)
         try:
             await self.settler.settle(
-                [(Subject.of_carried(c), fate) for c in record.requests], mails_done=[mail_id]
+                [(Subject.of_carried(c), fate) for c in record.requests],
+                mails_done=[mail_id],
+                account=account,
             )
         except Exception:
             log.exception("could not report the end of e-mail %s", mail_id)
-            await self.store.give_back_mail(mail_id)
+            await store.give_back_mail(mail_id)

@@ -5,6 +5,7 @@ Kubernetes Secrets. Secrets are `SecretStr`: masked in `repr`, logs and `config`
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,14 @@ _MIB = 1024 * 1024
 DEFAULT_MAX_BODY_BYTES = -(-2 * largest_request_bytes() // _MIB) * _MIB
 
 
+# A named account's name: lowercase (environment variable names are read case-blind), no
+# dots (its queues are <requests_queue>.account.<name>, then .high or .bulk), short enough
+# to be a Redis hash tag and a metric label.
+ACCOUNT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+# The name of the account that SMSC_GATEWAY__LOGIN and SMSC_GATEWAY__PASSWORD describe.
+DEFAULT_ACCOUNT = "default"
+
+
 class AmqpSettings(_Group):
     url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     connection_name: str = Field("smsc-worker", description="shown in the broker's connection list")
@@ -61,12 +70,29 @@ class AmqpSettings(_Group):
         description="a request body longer than this is rejected (too_large) unread",
     )
 
-    def queue(self, lane: Lane) -> str:
-        return self.requests_queue if lane == Lane.normal else f"{self.requests_queue}.{lane}"
+    def queue(self, lane: Lane, account: str = DEFAULT_ACCOUNT) -> str:
+        """A lane's queue of an account: the default account's are the requests queues as
+        before; a named account's are `<requests_queue>.account.<name>` (then `.high`,
+        `.bulk`): the `.account.` segment keeps them apart from the lanes, the retry and
+        dead-letter queues, and an account name has no dot, so no two names can meet."""
+        base = self.requests_queue if account == DEFAULT_ACCOUNT else self.account_exchange(account)
+        return base if lane == Lane.normal else f"{base}.{lane}"
 
-    def retry_queues(self, lane: Lane) -> str:
+    def account_exchange(self, account: str) -> str:
+        """Where a named account's producers publish (routing key: the lane): RabbitMQ
+        checks a publisher's write permission on the exchange, never on the queue (the
+        default exchange is `amq.default` to it, and reaches every queue), so this exchange
+        is what a producer is given to use the account."""
+        return f"{self.requests_queue}.account.{account}"
+
+    def retry_queues(self, lane: Lane, account: str = DEFAULT_ACCOUNT) -> str:
         """The name the retry queues of a lane start with (`.<n>s` follows)."""
-        return self.retry_queue if lane == Lane.normal else f"{self.retry_queue}.{lane}"
+        base = (
+            self.retry_queue
+            if account == DEFAULT_ACCOUNT
+            else f"{self.retry_queue}.account.{account}"
+        )
+        return base if lane == Lane.normal else f"{base}.{lane}"
 
     def prefetch_of(self, lane: Lane) -> int:
         return {Lane.high: self.prefetch_high, Lane.bulk: self.prefetch_bulk}.get(
@@ -134,6 +160,39 @@ class GatewaySettings(_Group):
     @classmethod
     def _charset(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+
+class AccountSettings(_Group):
+    """A named gateway account (`SMSC_ACCOUNTS__<NAME>__<FIELD>`; its password in the
+    secrets directory as `SMSC_ACCOUNTS__<NAME>__PASSWORD`). Everything else about the
+    gateway (address, charset, region) is the default account's."""
+
+    login: str = ""
+    password: SecretStr = Field(
+        SecretStr(""), description="account password; with an empty login, the API key"
+    )
+    default_sender: str = Field("", description="sender name when a request names none")
+    mails_per_second: float | None = Field(
+        None, gt=0, description="the account's pace in e-mails; empty: limits.mails_per_second"
+    )
+    parts_per_second: float | None = Field(
+        None, gt=0, description="the account's pace in SMS parts; empty: limits.parts_per_second"
+    )
+
+    @field_validator("login")
+    @classmethod
+    def _login(cls, value: str) -> str:
+        return check_login(value)
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError(
+                "a named account needs its password (the secret SMSC_ACCOUNTS__<NAME>__PASSWORD)"
+            )
+        check_password(value.get_secret_value())
+        return value
 
 
 class SmtpSettings(_Group):
@@ -383,11 +442,35 @@ class Settings(BaseSettings):
     state: StateSettings = StateSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     default_channel: Format = Format.sms
+    # Named accounts beside the default one (SMSC_GATEWAY__LOGIN/PASSWORD), by name.
+    accounts: dict[str, AccountSettings] = {}
 
     @model_validator(mode="after")
     def _delays(self) -> Settings:
         if self.retry.base_delay_s > self.retry.max_delay_s:
             raise ValueError("retry.base_delay_s must not exceed retry.max_delay_s")
+        return self
+
+    @model_validator(mode="after")
+    def _account_names(self) -> Settings:
+        # The default account's Redis tag is its login (as before accounts had names), so
+        # a named account must not take it, nor the default account's name.
+        taken = {DEFAULT_ACCOUNT, self.gateway.login}
+        for name, account in self.accounts.items():
+            if not ACCOUNT_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{ENV_PREFIX}ACCOUNTS__{name.upper()}: an account name is 1 to 32 "
+                    "lowercase letters, digits, '-' or '_', starting with a letter or digit"
+                )
+            if name in taken:
+                raise ValueError(
+                    f"{ENV_PREFIX}ACCOUNTS__{name.upper()}: the name {name!r} is the default "
+                    "account's (its name or its login)"
+                )
+            try:
+                GatewaySettings(default_sender=account.default_sender)
+            except ValueError as exc:
+                raise ValueError(f"{ENV_PREFIX}ACCOUNTS__{name.upper()}: {exc}") from None
         return self
 
     @classmethod

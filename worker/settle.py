@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +41,7 @@ from worker.fate import (
 from worker.lanes import Lane
 from worker.ledger import Finish, StateStore, StateUnavailable
 from worker.protocol.recipients import sms_count
+from worker.settings import DEFAULT_ACCOUNT
 from worker.telemetry import Telemetry, event_headers
 
 log = logging.getLogger(__name__)
@@ -135,25 +136,38 @@ def error_info(code: str, message: str, retryable: bool, gateway: int | None = N
 
 
 @dataclass(slots=True)
-class _Plan:
+class _Steps:
+    """The ledger side of a set, for one account (each account has a store of its own)."""
+
     finish_sent: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     finish_answered: dict[str, tuple[str, str]] = field(default_factory=dict)
     released: list[str] = field(default_factory=list)
     refunds: list[str] = field(default_factory=list)
     unknown_mails: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _Plan:
+    steps: dict[str, _Steps] = field(default_factory=dict)
     events: list[Outgoing] = field(default_factory=list)
     dead: list[tuple[RequestCopy, str, str]] = field(default_factory=list)
-    delays: list[tuple[RequestCopy, float, dict[str, Any], Lane]] = field(default_factory=list)
+    delays: list[tuple[RequestCopy, float, dict[str, Any], Lane, str]] = field(default_factory=list)
     acks: list[Delivery] = field(default_factory=list)
     requeues: list[Delivery] = field(default_factory=list)
     submitted: list[Subject] = field(default_factory=list)
+
+    def of(self, account: str) -> _Steps:
+        found = self.steps.get(account)
+        if found is None:
+            found = self.steps[account] = _Steps()
+        return found
 
 
 class Settler:
     def __init__(
         self,
         broker: Broker,
-        store: StateStore,
+        stores: Mapping[str, StateStore],
         acker: Acker,
         telemetry: Telemetry,
         signer: HeaderSigner,
@@ -161,45 +175,57 @@ class Settler:
     ) -> None:
         self._delivery_limit = delivery_limit
         self._broker = broker
-        self._store = store
+        self._stores = stores
         self._acker = acker
         self._telemetry = telemetry
         self._signer = signer
-        # Ledger steps that could not be written; applied again when the store answers.
-        self.backlog: list[Finish] = []
+        # Ledger steps that could not be written, by account; applied again when the store
+        # answers.
+        self.backlog: list[tuple[str, Finish]] = []
 
     async def settle(
-        self, items: Sequence[tuple[Subject, Fate]], *, mails_done: Sequence[str] = ()
+        self,
+        items: Sequence[tuple[Subject, Fate]],
+        *,
+        mails_done: Sequence[str] = (),
+        account: str = DEFAULT_ACCOUNT,
     ) -> None:
         """Apply a set of fates. Never raises for a set with deliveries (what cannot be
         recorded goes back to the queue); raises for one without, so that its source (a
-        reply) is asked again. `mails_done`: e-mails whose records go with the set."""
+        reply) is asked again. `mails_done`: e-mails of `account` whose records go with the
+        set. The ledger steps are written per account, to its own store."""
         plan = _Plan()
         now = time.time()
         for subject, fate in items:
             self._plan(plan, subject, fate, now)
         with_deliveries = bool(plan.acks or plan.requeues)
-        # Without deliveries (a reply) the e-mail's record is dropped only once the events
-        # are out: a reply whose events were not confirmed is asked again, and must find it.
-        finish = Finish(
-            sent=plan.finish_sent,
-            answered=plan.finish_answered,
-            released=plan.released,
-            refunds=plan.refunds,
-            mails_done=mails_done if with_deliveries else (),
-        )
-        if _has_steps(finish) or plan.unknown_mails:
+        if mails_done:
+            plan.of(account)
+        for name, steps in plan.steps.items():
+            # Without deliveries (a reply) the e-mail's record is dropped only once the
+            # events are out: a reply whose events were not confirmed is asked again, and
+            # must find it.
+            finish = Finish(
+                sent=steps.finish_sent,
+                answered=steps.finish_answered,
+                released=steps.released,
+                refunds=steps.refunds,
+                mails_done=mails_done if with_deliveries and name == account else (),
+            )
+            if not (_has_steps(finish) or steps.unknown_mails):
+                continue
+            store = self._stores[name]
             try:
-                for mail_id in plan.unknown_mails:
-                    await self._store.mark_unknown(mail_id)
+                for mail_id in steps.unknown_mails:
+                    await store.mark_unknown(mail_id)
                 if _has_steps(finish):
-                    await self._store.finish(finish)
+                    await store.finish(finish)
             except StateUnavailable as exc:
                 self._telemetry.metrics.state_unavailable.labels("finish").inc()
                 if not with_deliveries:
                     raise
                 log.warning("ledger step not written (%s); kept to apply again", exc)
-                self.backlog.append(finish)
+                self.backlog.append((name, finish))
         try:
             await self._broker.publish(plan.events, plan.dead, plan.delays)
         except Exception:
@@ -213,7 +239,7 @@ class Settler:
             await self._acker.settle((), [*plan.acks, *plan.requeues])
             return
         if not with_deliveries and mails_done:
-            await self._store.finish(Finish(mails_done=mails_done))
+            await self._stores[account].finish(Finish(mails_done=mails_done))
         if plan.submitted:
             self._telemetry.submitted(s.copy.headers for s in plan.submitted)
         await self._acker.settle(plan.acks, plan.requeues)
@@ -222,16 +248,18 @@ class Settler:
         """Write the ledger steps that failed, oldest first; raise StateUnavailable if the
         store still does not answer."""
         while self.backlog:
-            await self._store.finish(self.backlog[0])
+            account, finish = self.backlog[0]
+            await self._stores[account].finish(finish)
             self.backlog.pop(0)
 
     def _plan(self, plan: _Plan, subject: Subject, fate: Fate, now: float) -> None:
         delivery = subject.delivery
         if isinstance(fate, Requeue) and delivery is not None:
             fate = self._last_chance(delivery, fate)
+        steps = plan.of(subject.account)
         if isinstance(fate, Requeue):
             if subject.claimed and subject.request_id is not None:
-                plan.released.append(subject.request_id)
+                steps.released.append(subject.request_id)
             if delivery is not None:
                 plan.requeues.append(delivery)
             return
@@ -255,16 +283,16 @@ class Settler:
                 attempt, subject.first_seen or now, fate.group or subject.group, fate.in_doubt
             )
             headers = self._signer.headers(subject.copy.body, provenance)
-            plan.delays.append((subject.copy, fate.wait, headers, subject.lane))
+            plan.delays.append((subject.copy, fate.wait, headers, subject.lane, subject.account))
         if isinstance(fate, Unknown) and fate.mail_id is not None and not fate.final:
-            plan.unknown_mails.add(fate.mail_id)
+            steps.unknown_mails.add(fate.mail_id)
         if isinstance(fate, Submitted) and fate.unknown:
-            plan.unknown_mails.add(fate.mail_id)
+            steps.unknown_mails.add(fate.mail_id)
         if not subject.claimed or rid is None:
             return
         if isinstance(fate, Submitted):
             assert event is not None
-            plan.finish_sent[rid] = (fate.mail_id, body, fingerprint(subject.copy.body))
+            steps.finish_sent[rid] = (fate.mail_id, body, fingerprint(subject.copy.body))
             plan.submitted.append(subject)
         elif (
             isinstance(fate, Accepted)
@@ -272,11 +300,11 @@ class Settler:
             or (isinstance(fate, Unknown) and fate.final)
         ):
             assert event is not None
-            plan.finish_answered[rid] = (body, fingerprint(subject.copy.body))
+            steps.finish_answered[rid] = (body, fingerprint(subject.copy.body))
         elif isinstance(fate, Reject | Later | Fail):
-            plan.released.append(rid)
+            steps.released.append(rid)
         if isinstance(fate, Later | Fail) and fate.refund and subject.content_key:
-            plan.refunds.append(subject.content_key)
+            steps.refunds.append(subject.content_key)
 
     def _last_chance(self, delivery: Delivery, fate: Requeue) -> Fate:
         """The broker dead-letters a delivery returned once more than its limit, and no
@@ -305,6 +333,7 @@ class Settler:
                 error=error_info(fate.code, fate.reason, False),
                 recipients=recipients,
                 metadata=metadata,
+                account=subject.account,
             )
         if isinstance(fate, Later):
             if fate.status is None:
@@ -321,6 +350,7 @@ class Settler:
                 retry_at=datetime.fromtimestamp(now + fate.wait, UTC),
                 recipients=recipients,
                 metadata=metadata,
+                account=subject.account,
             )
         if isinstance(fate, Fail):
             return ResultEvent.create(
@@ -332,6 +362,7 @@ class Settler:
                 error=error_info(fate.code, fate.reason, False, fate.gateway_error),
                 recipients=recipients,
                 metadata=metadata,
+                account=subject.account,
             )
         if isinstance(fate, Submitted | Accepted):
             status, error = Status.accepted, None
@@ -354,6 +385,7 @@ class Settler:
                 error=error,
                 recipients=recipients,
                 metadata=metadata,
+                account=subject.account,
             )
         if isinstance(fate, Unknown):
             return ResultEvent.create(
@@ -365,6 +397,7 @@ class Settler:
                 error=error_info(fate.code, fate.reason, False),
                 recipients=recipients,
                 metadata=metadata,
+                account=subject.account,
             )
         return None
 

@@ -168,8 +168,8 @@ class Telemetry:
         self._smtp_port = settings.smtp.port
         self.mask = Masker(secrets_of(settings))
 
-    def watch(self, circuit: Callable[[], CircuitView]) -> None:
-        self.metrics.watch(circuit)
+    def watch(self, account: str, circuit: Callable[[], CircuitView]) -> None:
+        self.metrics.watch(account, circuit)
 
     def published(self, events: Sequence[ResultEvent]) -> None:
         """Result events confirmed by the broker."""
@@ -264,7 +264,7 @@ class Telemetry:
             yield
 
     @contextmanager
-    def smtp(self, mail_id: str, lines: int, size: int) -> Iterator[SmtpCall]:
+    def smtp(self, mail_id: str, lines: int, size: int, account: str) -> Iterator[SmtpCall]:
         """The SMTP transaction of the e-mail `mail_id` (final: a batch rebuilt after
         expiries has a new id, so the submission span learns it here)."""
         trace.get_current_span().set_attribute(GATEWAY_ID, mail_id)
@@ -279,7 +279,7 @@ class Telemetry:
             MAIL_BYTES: size,
         }
         with self._span("smtp submit", SpanKind.CLIENT, attributes) as span:
-            yield SmtpCall(self, span, lines, size)
+            yield SmtpCall(self, span, lines, size, account)
 
     def submitted(self, requests: Iterable[Mapping[str, Any]]) -> None:
         """The `submitted` (or `unknown`) events of these requests are confirmed."""
@@ -295,7 +295,7 @@ class Telemetry:
     # replies -------------------------------------------------------------------------
 
     @contextmanager
-    def reply(self, record: MailRecord, reply: Reply) -> Iterator[None]:
+    def reply(self, record: MailRecord, reply: Reply, account: str) -> Iterator[None]:
         submission = _span_context(record.trace)
         links = [Link(submission)] if submission.is_valid else []
         attributes: dict[str, AttributeValue] = {
@@ -308,7 +308,7 @@ class Telemetry:
             number = int(reply.error)
             attributes[GATEWAY_ERROR] = number
             attributes[GATEWAY_ACTION] = reply.action.value
-            self.metrics.gateway_errors.labels(gateway_error_label(number)).inc()
+            self.metrics.gateway_errors.labels(gateway_error_label(number), account).inc()
         with (
             self._span(
                 "gateway reply", SpanKind.SERVER, attributes, context=Context(), links=links
@@ -365,14 +365,17 @@ class Telemetry:
 class SmtpCall:
     """`finished(result)` at the end of an SMTP transaction."""
 
-    def __init__(self, telemetry: Telemetry, span: Span, lines: int, size: int) -> None:
+    def __init__(
+        self, telemetry: Telemetry, span: Span, lines: int, size: int, account: str
+    ) -> None:
         self._telemetry = telemetry
+        self._account = account
         self._span = span
         self._lines = lines
         self._size = size
 
     def finished(self, result: SubmitResult) -> None:
-        self._telemetry.metrics.mail(result.outcome.value, self._lines, self._size)
+        self._telemetry.metrics.mail(result.outcome.value, self._account, self._lines, self._size)
         self._span.set_attribute(SMTP_OUTCOME, result.outcome.value)
         if result.code is not None:
             self._span.set_attribute(SMTP_CODE, result.code)

@@ -23,7 +23,7 @@ from worker.contract import MetadataValue
 from worker.delivery import RequestCopy
 from worker.errors import RetryableError
 from worker.lanes import Lane
-from worker.settings import LimitSettings
+from worker.settings import DEFAULT_ACCOUNT, LimitSettings
 
 
 class StateUnavailable(RetryableError, ConnectionError):
@@ -82,6 +82,7 @@ class CarriedRequest:
     copy: RequestCopy
     content_key: str = ""
     lane: Lane = Lane.normal
+    account: str = DEFAULT_ACCOUNT
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +95,7 @@ class CarriedRequest:
             "copy": self.copy.to_json(),
             "content_key": self.content_key,
             "lane": self.lane.value,
+            "account": self.account,
         }
 
     @classmethod
@@ -108,6 +110,7 @@ class CarriedRequest:
             copy=RequestCopy.from_json(data["copy"]),
             content_key=data["content_key"],
             lane=Lane(data.get("lane", Lane.normal)),
+            account=data.get("account", DEFAULT_ACCOUNT),
         )
 
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from worker.accounts import GatewayAccount, accounts_of
 from worker.ledger import StateStore
 from worker.ledger.memory import MemoryStateStore
-from worker.settings import Settings
+from worker.settings import DEFAULT_ACCOUNT, Settings
 
 
-def open_store(settings: Settings) -> StateStore:
-    """A store not started yet (call `start()`): shared through Redis when `state.url` is
-    set, otherwise kept in this process only."""
+def open_store(settings: Settings, account: GatewayAccount | None = None) -> StateStore:
+    """An account's store (the default account's unless named), not started yet (call
+    `start()`): shared through Redis when `state.url` is set, otherwise kept in this
+    process only."""
+    account = account or accounts_of(settings)[DEFAULT_ACCOUNT]
     if not settings.state.url.get_secret_value():
-        return MemoryStateStore(settings.limits, settings.retry)
+        return MemoryStateStore(account.limits, settings.retry)
     from worker.ledger.redis import RedisStateStore
 
-    return RedisStateStore(settings)
+    return RedisStateStore(settings, account=account)

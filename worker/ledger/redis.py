@@ -49,6 +49,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from worker.accounts import GatewayAccount, accounts_of
 from worker.errors import ConfigurationError
 from worker.ledger import (
     CircuitView,
@@ -64,7 +65,7 @@ from worker.ledger import (
     VerdictKind,
     lane_share,
 )
-from worker.settings import Settings
+from worker.settings import DEFAULT_ACCOUNT, Settings
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,16 @@ def connect(url: str, timeout: float) -> Redis | RedisCluster:
 
 
 class RedisStateStore:
-    def __init__(self, settings: Settings, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Callable[[], float] | None = None,
+        *,
+        account: GatewayAccount | None = None,
+    ) -> None:
+        """The store of one account (the default one unless `account` says otherwise): its
+        keys carry the account's tag, its pace is the account's."""
+        account = account or accounts_of(settings)[DEFAULT_ACCOUNT]
         state = settings.state
         url = state.url.get_secret_value()
         if not url:
@@ -211,17 +221,16 @@ class RedisStateStore:
         self.owner = uuid.uuid4().hex
         self._target = describe(url)
         self._secrets = [s for s in _url_secrets(url) if s]
-        self._limits = settings.limits
+        self._limits = account.limits
         self._retry = settings.retry
         self._owner_ttl_ms = _ms(state.owner_ttl_s)
         self._busy_wait = max(state.owner_ttl_s / 3, 0.1)
         self._grace_ms = round(state.reset_grace_s * 1000)
-        self._dedup_ms = _ms(settings.limits.dedup_ttl_s)
+        self._dedup_ms = _ms(account.limits.dedup_ttl_s)
         self._record_ms = _ms(settings.reply.timeout_s + RECORD_MARGIN_S)
         self._deadline = 2 * state.timeout_s
         self._clock = clock
-        account = settings.gateway.login or "default"
-        self._base = f"{state.key_prefix}:{{{account}}}:"
+        self._base = f"{state.key_prefix}:{{{account.tag}}}:"
         self._gen_keys = [self._key("gen"), self._key("reset")]
         self._gen: str | None = None
         self._redis = connect(url, state.timeout_s)
