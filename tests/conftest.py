@@ -70,15 +70,21 @@ def unique_amqp() -> AmqpSettings:
     )
 
 
-async def delete_topology(amqp: AmqpSettings) -> None:
+async def delete_topology(amqp: AmqpSettings, accounts: tuple[str, ...] = ()) -> None:
+    """What a worker declared: its queues and exchanges, and those of `accounts` (named)."""
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
-        queues = [amqp.dead_letter_queue, *(amqp.queue(lane) for lane in Lane)]
-        queues += [retry_queue_name(amqp, t, lane) for t in RETRY_TIERS_S for lane in Lane]
+        queues = [amqp.dead_letter_queue]
+        for account in ("default", *accounts):
+            queues += [amqp.queue(lane, account) for lane in Lane]
+            queues += [
+                retry_queue_name(amqp, t, lane, account) for t in RETRY_TIERS_S for lane in Lane
+            ]
         for name in queues:
             await channel.queue_delete(name)
-        for name in (amqp.results_exchange, amqp.dead_letter_exchange):
+        exchanges = [amqp.account_exchange(account) for account in accounts]
+        for name in (amqp.results_exchange, amqp.dead_letter_exchange, *exchanges):
             await channel.exchange_delete(name)
 
 

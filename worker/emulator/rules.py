@@ -106,6 +106,8 @@ class Delivery:
     format: int
     sender: str
     accepted_at: float
+    # Who was billed: the login, or `apikey:<key>` for an e-mail sent with an API key.
+    account: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +206,9 @@ class Gateway:
         self._streaks: dict[str, _Streak] = {}
         self._errors_by_ip: dict[str, deque[float]] = {}
         self._blocked_until: dict[str, float] = {}
+        # Login -> password, changed by `set_password` (an account fixed or broken at the
+        # gateway while a test runs).
+        self._accounts = dict(config.accounts)
         self._descriptions = (
             DESCRIPTIONS if config.reply_charset == "utf-8" else RUSSIAN_DESCRIPTIONS
         )
@@ -211,6 +216,9 @@ class Gateway:
     @property
     def balance(self) -> int | None:
         return self._balance
+
+    def set_password(self, login: str, password: str) -> None:
+        self._accounts[login] = password
 
     def judge(self, body: DecodedBody | MalformedMail, peer: str) -> Verdict:
         """Decide one e-mail from `peer` (an IP address) and update the limits' state."""
@@ -283,7 +291,7 @@ class Gateway:
 
     def _authenticate(self, login: str, password: str) -> str:
         if login:
-            if self._config.accounts.get(login) != password:
+            if self._accounts.get(login) != password:
                 raise _Refusal(GatewayError.credentials, f"bad login or password for {login!r}")
             return login
         if password not in self._config.api_keys:
@@ -378,6 +386,7 @@ class Gateway:
                         format=int(line.format),
                         sender=request.sender,
                         accepted_at=now,
+                        account=request.account,
                     )
                 )
         return deliveries, floods, charged

@@ -258,6 +258,10 @@ class Emulator:
         log.info("mail %s from %s: %s (%s)", record.mail_id, from_header, answer, verdict.reason)
         return record
 
+    def set_password(self, login: str, password: str) -> None:
+        """From now on, the account `login` takes `password` (error 2 for any other)."""
+        self._gateway.set_password(login, password)
+
     def delivery_counts(self) -> Counter[tuple[str, str]]:
         """Deliveries per (recipient, text), the recipient as a key (E.164 for phones)."""
         return Counter((d.recipient, d.text) for d in self.deliveries)
