@@ -35,6 +35,8 @@ KUBE_VERSIONS = (OLDEST_KUBE, latest_version())
 SECRET_FILES = {
     "SMSC_AMQP__URL", "SMSC_GATEWAY__PASSWORD", "SMSC_SMTP__PASSWORD", "SMSC_STATE__URL",
     "SMSC_REPLY__TOKEN_KEY", "SMSC_REPLY__TOKEN_KEYS_OLD",
+    # The named account of the options' value set.
+    "SMSC_ACCOUNTS__BRAND-B__PASSWORD",
 }  # fmt: skip
 
 # The required secrets alone: enough for one replica, which may keep its state in memory.
@@ -91,6 +93,8 @@ secrets:
   stateUrl: rediss://worker:r3dis-pass@redis.example.net:6380/2
   replyTokenKey: t0ken-key-2026
   replyTokenKeysOld: t0ken-key-2024,t0ken-key-2025
+  accountPasswords:
+    brand-b: brand-b-pass
 image:
   repository: registry.example.net/smsc-worker
   digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
@@ -104,6 +108,10 @@ podAnnotations:
 podLabels:
   tier: backend
 settings:
+  accounts:
+    brand-b:
+      login: brandb
+      mails_per_second: 2.5
   gateway:
     login: acme
     text_tags: true
@@ -488,7 +496,9 @@ def test_secrets_reach_the_pod_only_as_files(chart: helm.Chart, value_set: str) 
     assert all("secretRef" not in source for source in main["envFrom"])
     assert all("valueFrom" not in variable for variable in main["env"])
     assert not SECRET_FILES & set(one(docs, "ConfigMap")["data"])
-    for secret in ("s3cret", "gateway-pass", "api-key", "smtp-pass", "r3dis-pass", "t0ken-key"):
+    for secret in (
+        "s3cret", "gateway-pass", "api-key", "smtp-pass", "r3dis-pass", "t0ken-key", "brand-b-pass"
+    ):  # fmt: skip
         assert secret not in json.dumps(one(docs, "ConfigMap"))
     secrets_dir = next(v["value"] for v in main["env"] if v["name"] == "SMSC_SECRETS_DIR")
     volume = secret_volume(docs)
@@ -588,6 +598,9 @@ def test_rendered_configuration_loads_in_the_worker(
     assert settings.reply.token_keys_old.get_secret_value() == "t0ken-key-2024,t0ken-key-2025"
     assert settings.reply.allowed_networks == "203.0.113.0/24,2001:db8::/32"
     assert settings.reply.allowed_senders == "@send.smscentre.com"
+    brand = settings.accounts["brand-b"]
+    assert (brand.login, brand.mails_per_second) == ("brandb", 2.5)
+    assert brand.password.get_secret_value() == "brand-b-pass"
 
 
 def _settings_fields() -> dict[str, Any]:
@@ -607,7 +620,12 @@ def _settings_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for name, prop in full["properties"].items():
         group = resolve(prop)
-        if group.get("type") == "object":
+        if isinstance(group.get("additionalProperties"), dict):  # named entries: accounts
+            entry = resolve(group["additionalProperties"])
+            fields[name] = {
+                f: field(p) for f, p in entry["properties"].items() if not p.get("writeOnly")
+            }
+        elif group.get("type") == "object":
             fields[name] = {
                 f: field(p) for f, p in group["properties"].items() if not p.get("writeOnly")
             }
@@ -622,7 +640,11 @@ def test_settings_schema_matches_the_worker() -> None:
     or changed in the chart's schema too."""
     chart_settings = SCHEMA["properties"]["settings"]["properties"]
     actual = {
-        name: node.get("properties", node) if node.get("type") == "object" else node
+        name: (
+            node.get("properties") or node["additionalProperties"]["properties"]
+            if node.get("type") == "object"
+            else node
+        )
         for name, node in chart_settings.items()
     }
     assert actual == _settings_fields()

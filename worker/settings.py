@@ -172,11 +172,11 @@ class AccountSettings(_Group):
         SecretStr(""), description="account password; with an empty login, the API key"
     )
     default_sender: str = Field("", description="sender name when a request names none")
-    mails_per_second: float | None = Field(
-        None, gt=0, description="the account's pace in e-mails; empty: limits.mails_per_second"
+    mails_per_second: float = Field(
+        0.0, ge=0, description="the account's pace in e-mails; 0: limits.mails_per_second"
     )
-    parts_per_second: float | None = Field(
-        None, gt=0, description="the account's pace in SMS parts; empty: limits.parts_per_second"
+    parts_per_second: float = Field(
+        0.0, ge=0, description="the account's pace in SMS parts; 0: limits.parts_per_second"
     )
 
     @field_validator("login")
