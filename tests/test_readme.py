@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from worker.settings import ENV_PREFIX, Settings
+from worker.settings import ENV_PREFIX, AccountSettings, Settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -18,11 +18,16 @@ def setting_variables() -> set[str]:
         model = field.annotation
         if isinstance(model, type) and issubclass(model, BaseModel):
             names |= {f"{ENV_PREFIX}{group}__{name}".upper() for name in model.model_fields}
+        elif group == "accounts":  # named entries: SMSC_ACCOUNTS__<NAME>__<FIELD>
+            names |= {
+                f"{ENV_PREFIX}{group}__<NAME>__{name}".upper()
+                for name in AccountSettings.model_fields
+            }
         else:
             names.add(f"{ENV_PREFIX}{group}".upper())
     return names
 
 
 def test_the_configuration_reference_lists_every_setting() -> None:
-    documented = set(re.findall(r"^\| `(SMSC_[A-Z0-9_]+)` \|", README.read_text(), re.MULTILINE))
+    documented = set(re.findall(r"^\| `(SMSC_[A-Z0-9_<>]+)` \|", README.read_text(), re.MULTILINE))
     assert documented == setting_variables()
