@@ -235,9 +235,11 @@ async def test_only_a_producer_given_the_account_can_use_it(amqp: AmqpSettings) 
                     lambda ch: publish_for(ch, amqp.account_exchange("nosuch"), request("lost", 3)),
                 )
             await results.wait_until(lambda: Status.accepted in results.statuses("allowed"))
-            await broker.channel.exchange_delete(other)
     finally:
         rabbitmqctl("delete_user", user)
+        cleanup = await aio_pika.connect(AMQP_URL)
+        async with cleanup:
+            await (await cleanup.channel()).exchange_delete(other)
 
     assert "ACCESS_REFUSED" in to_other and "ACCESS_REFUSED" in to_queue
     assert "NOT_FOUND" in unknown
