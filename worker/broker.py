@@ -80,6 +80,7 @@ class Broker:
         self.settings = settings
         self._published = published
         self.connection: AbstractRobustConnection | None = None
+        self._high_connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         # A channel per lane: its prefetch is the lane's own, so a prefetch full of bulk
         # requests never holds back an urgent one.
@@ -88,16 +89,24 @@ class Broker:
         self.dead_letters: AbstractExchange | None = None
         self.requests: dict[Lane, AbstractQueue] = {}
 
-    async def connect(self) -> None:
-        self.connection = await aio_pika.connect_robust(
+    async def _connect(self, name: str) -> AbstractRobustConnection:
+        return await aio_pika.connect_robust(
             self.settings.url.get_secret_value(),
-            client_properties={"connection_name": self.settings.connection_name},
+            client_properties={"connection_name": name},
             # Unacked requests are redelivered to other consumers meanwhile; come back soon.
             reconnect_interval=RECONNECT_INTERVAL_S,
         )
+
+    async def connect(self) -> None:
+        self.connection = await self._connect(self.settings.connection_name)
+        # High-priority deliveries come over a connection of their own: frames are read in
+        # order per connection, and one behind a prefetch's worth of bulk deliveries would
+        # wait for every one of them to be read first.
+        self._high_connection = await self._connect(f"{self.settings.connection_name} (high)")
         self._publish_channel = await self.connection.channel(publisher_confirms=True)
         for lane in Lane:
-            channel = await self.connection.channel(publisher_confirms=True)
+            connection = self._high_connection if lane == Lane.high else self.connection
+            channel = await connection.channel(publisher_confirms=True)
             await channel.set_qos(prefetch_count=self.settings.prefetch_of(lane))
             self._consume_channels[lane] = channel
         await self._declare()
@@ -140,12 +149,15 @@ class Broker:
                 )
 
     async def close(self) -> None:
-        if self.connection is not None:
-            await self.connection.close()
+        for connection in (self._high_connection, self.connection):
+            if connection is not None:
+                await connection.close()
 
     @property
     def is_connected(self) -> bool:
-        return self.connection is not None and not self.connection.is_closed
+        return all(
+            c is not None and not c.is_closed for c in (self.connection, self._high_connection)
+        )
 
     async def _confirmed(self, messages: list[RawMessage]) -> None:
         """Publish a set in one write, its confirms awaited together, within the deadline.

@@ -309,15 +309,15 @@ class LimitSettings(_Group):
         0.2,
         ge=0,
         lt=1,
-        description="share of the pace that normal and bulk e-mails leave free for "
-        "high-priority ones",
+        description="share of the pace's one-second burst that normal and bulk e-mails "
+        "always leave free, so a high-priority e-mail goes at once",
     )
     others_floor: float = Field(
         0.1,
         gt=0,
         le=1,
-        description="share of the pace that high-priority e-mails leave to the others, so "
-        "that bulk never starves",
+        description="share of the pace's rate that high-priority e-mails leave to the "
+        "others, so that bulk never starves",
     )
 
 
