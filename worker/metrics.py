@@ -176,6 +176,9 @@ class Metrics:
             self.replies_refused.labels(reason)
         for answer in ("ok", "error"):
             self.replies.labels(answer)
+        # The alerts on errors 2, 3 and 4 would otherwise miss the first one of each.
+        for label in [*map(str, range(1, 10)), "other"]:
+            self.gateway_errors.labels(label)
 
     def watch(self, circuit: Callable[[], CircuitView]) -> None:
         """Read the circuit's last known state at each scrape."""
