@@ -790,7 +790,7 @@ def test_the_alerts_select_this_releases_series(chart: helm.Chart) -> None:
         for selector in re.findall(r"smsc_\w+\{([^}]*)\}", rule["expr"]):
             assert selector.startswith(worker), rule["alert"]
         for selector in re.findall(r"rabbitmq_\w+\{([^}]*)\}", rule["expr"]):
-            assert selector in {'queue="sms.eu"', 'queue="sms.eu.dead"'}, rule["alert"]
+            assert selector in {r"queue=~`sms\.eu(\.high|\.bulk)?`", 'queue="sms.eu.dead"'}
     custom = values + '  selector: cluster="eu", app="sms"\n'
     (group,) = one(render(chart, custom), "PrometheusRule")["spec"]["groups"]
     assert all(worker not in rule["expr"] for rule in group["rules"])

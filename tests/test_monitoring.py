@@ -271,6 +271,16 @@ SCENARIOS: dict[str, tuple[dict[str, str], int, set[str]]] = {
         25,
         {"SmscRequestsNotDraining"},
     ),
+    "not draining, high lane": (
+        {'rabbitmq_queue_messages_ready{queue="sms.requests.high"}': "3x30"},
+        25,
+        {"SmscRequestsNotDraining"},
+    ),
+    "only dead letters wait": (
+        {'rabbitmq_queue_messages_ready{queue="sms.requests.dead-letter"}': "3x30"},
+        25,
+        set(),
+    ),
     "no replies": (
         {
             worker("smsc_emails_total", outcome="accepted"): "0+2x40",
