@@ -69,16 +69,19 @@ class Outgoing:
 
 class Broker:
     """One robust connection, a consuming channel and a confirming publishing channel.
-    `published` is told of every result event once the broker has confirmed it."""
+    `published` is told of every result event once the broker has confirmed it, and
+    `dead_lettered` of the error code of every dead-letter copy."""
 
     def __init__(
         self,
         settings: AmqpSettings,
         *,
         published: Callable[[Sequence[ResultEvent]], None] | None = None,
+        dead_lettered: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         self.settings = settings
         self._published = published
+        self._dead_lettered = dead_lettered
         self.connection: AbstractRobustConnection | None = None
         self._high_connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
@@ -217,6 +220,8 @@ class Broker:
         await self._confirmed(messages)
         if self._published is not None and events:
             self._published([item.event for item in events])
+        if self._dead_lettered is not None and dead_letters:
+            self._dead_lettered([code for _, code, _ in dead_letters])
 
     def consuming_queue(self, lane: Lane = Lane.normal) -> AbstractQueue:
         return self.requests[lane]

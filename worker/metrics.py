@@ -46,6 +46,15 @@ def gateway_error_label(number: int) -> str:
     return str(number) if 1 <= number <= 9 else "other"
 
 
+def dead_letter_label(code: str) -> str:
+    """The `code` label of a dead letter: the worker's own error codes as they are, but a
+    gateway error's (`gateway_<n>`) bounded like `gateway_error_label`."""
+    number = code.removeprefix("gateway_")
+    if number == code:
+        return code
+    return "gateway_" + (gateway_error_label(int(number)) if number.isdigit() else "other")
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -87,6 +96,18 @@ class Metrics:
             "smsc_gateway_errors",
             "Error replies from the gateway, by error number",
             ["error"],
+            registry=r,
+        )
+        self.replies = Counter(
+            "smsc_replies",
+            "Gateway replies applied to the e-mail they answer, by answer: ok or error",
+            ["answer"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "smsc_dead_letters",
+            "Copies published (and confirmed) to the dead-letter exchange, by error code",
+            ["code"],
             registry=r,
         )
         self.settle_skipped = Counter(
@@ -153,6 +174,11 @@ class Metrics:
             self.results.labels(status.value)
         for reason in REFUSAL_REASONS:
             self.replies_refused.labels(reason)
+        for answer in ("ok", "error"):
+            self.replies.labels(answer)
+        # The alerts on errors 2, 3 and 4 would otherwise miss the first one of each.
+        for label in [*map(str, range(1, 10)), "other"]:
+            self.gateway_errors.labels(label)
 
     def watch(self, circuit: Callable[[], CircuitView]) -> None:
         """Read the circuit's last known state at each scrape."""
@@ -173,6 +199,10 @@ class Metrics:
                 self.deferrals.labels(reason).inc()
             elif event.status in (Status.submitted, Status.unknown):
                 self.sms_parts.inc(event.sms_count or 0)
+
+    def dead_lettered(self, codes: Iterable[str]) -> None:
+        for code in codes:
+            self.dead_letters.labels(dead_letter_label(code)).inc()
 
     def reply_refused(self, reason: str) -> None:
         self.replies_refused.labels(reason).inc()

@@ -198,7 +198,11 @@ class Service:
     ) -> None:
         self.settings = settings
         self.telemetry = Telemetry(settings, tracer_provider)
-        self.broker = Broker(settings.amqp, published=self.telemetry.published)
+        self.broker = Broker(
+            settings.amqp,
+            published=self.telemetry.published,
+            dead_lettered=self.telemetry.metrics.dead_lettered,
+        )
         self.store: StateStore = store or open_store(settings)
         self.signer = HeaderSigner(header_key(settings))
         self.reply_addresses = ReplyAddresses(settings.reply.address, *reply_token_keys(settings))

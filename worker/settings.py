@@ -357,7 +357,9 @@ class StateSettings(_Group):
 class ObservabilitySettings(_Group):
     health_port: int = Field(8080, ge=0, le=65535)
     metrics_port: int = Field(9100, ge=0, le=65535)
-    log_format: Literal["json", "text"] = "json"
+    # auto: readable text on a terminal (a person is watching), JSON lines otherwise (a
+    # collector is reading).
+    log_format: Literal["auto", "json", "text"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     drain_timeout_s: float = Field(30.0, gt=0)
 

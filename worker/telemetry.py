@@ -318,6 +318,7 @@ class Telemetry:
             yield
         if isinstance(reply, Accepted):
             self.metrics.accepted(r.copy.headers for r in record.requests)
+        self.metrics.replies.labels("ok" if isinstance(reply, Accepted) else "error").inc()
 
     # spans ---------------------------------------------------------------------------
 
