@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from worker.contract import ResultEvent, Status
+from worker.lanes import Lane
 from worker.ledger import CircuitView
 from worker.reply_receiver import REFUSAL_REASONS
 
@@ -154,15 +155,20 @@ class Metrics:
         self.to_submitted = Histogram(
             "smsc_request_to_submitted_seconds",
             "From the first receipt of a request to its e-mail being handed to the gateway",
+            ["priority"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.to_accepted = Histogram(
             "smsc_request_to_accepted_seconds",
             "From the first receipt of a request to the gateway's OK for its e-mail",
+            ["priority"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        for lane in Lane:
+            self.to_submitted.labels(lane.value)
+            self.to_accepted.labels(lane.value)
         self.batch_wait = Histogram(
             "smsc_batch_wait_seconds",
             "From an e-mail's first request to the e-mail being closed for sending",
@@ -212,16 +218,19 @@ class Metrics:
         self.email_lines.observe(lines)
         self.email_bytes.observe(size)
 
-    def submitted(self, requests: Iterable[Mapping[str, Any]]) -> None:
+    def submitted(self, requests: Iterable[tuple[Mapping[str, Any], Lane]]) -> None:
         _since_receipt(self.to_submitted, requests)
 
-    def accepted(self, requests: Iterable[Mapping[str, Any]]) -> None:
+    def accepted(self, requests: Iterable[tuple[Mapping[str, Any], Lane]]) -> None:
         _since_receipt(self.to_accepted, requests)
 
 
-def _since_receipt(histogram: Histogram, requests: Iterable[Mapping[str, Any]]) -> None:
+def _since_receipt(
+    histogram: Histogram, requests: Iterable[tuple[Mapping[str, Any], Lane]]
+) -> None:
+    """Each request's headers (its first receipt) and lane, labelled `priority`."""
     now = time.time()
-    for headers in requests:
+    for headers, lane in requests:
         received = received_at(headers)
         if received is not None:
-            histogram.observe(max(now - received, 0.0))
+            histogram.labels(lane.value).observe(max(now - received, 0.0))

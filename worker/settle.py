@@ -215,7 +215,7 @@ class Settler:
         if not with_deliveries and mails_done:
             await self._store.finish(Finish(mails_done=mails_done))
         if plan.submitted:
-            self._telemetry.submitted(s.copy.headers for s in plan.submitted)
+            self._telemetry.submitted((s.copy.headers, s.lane) for s in plan.submitted)
         await self._acker.settle(plan.acks, plan.requeues)
 
     async def apply_backlog(self) -> None:
