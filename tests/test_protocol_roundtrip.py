@@ -316,6 +316,18 @@ def test_round_trip_any_texts(case: Case) -> None:
     check_round_trip(case)
 
 
+def encode_as_alex(
+    envelope: Envelope, options: MailOptions, lines: list[ListLine], single: bool
+) -> bytes:
+    """Account alex:pw, mail id 5: the single-message form of lines[0], or list mode."""
+    account = Account("alex", SecretStr("pw"))
+    if single:
+        return encode_single(
+            envelope, account, "5", options, lines[0], date=DATE, message_id=MSG_ID
+        )
+    return encode_mail(envelope, account, "5", options, lines, date=DATE, message_id=MSG_ID)
+
+
 HOSTILE = st.sampled_from(
     [
         "\n", "\n79990000000:evil", ":", "::", ",", ";", "\\", "\\\n", "subj:", "voice:",
@@ -340,18 +352,11 @@ def test_no_text_changes_the_recipients_or_the_number_of_lines(
     """Texts the encoder rejects raise InvalidRequest; all others leave the recipients and
     the line count exactly as they were."""
     envelope = Envelope(mail_from="worker@example.com", text_tags=text_tags)
-    account = Account("alex", SecretStr("pw"))
-    options = MailOptions(subject="S")
     if single:
         texts_ = texts_[:1]
     lines = [ListLine(("79991234567", f"G{i}"), text) for i, text in enumerate(texts_)]
     try:
-        if single:
-            raw = encode_single(
-                envelope, account, "5", options, lines[0], date=DATE, message_id=MSG_ID
-            )
-        else:
-            raw = encode_mail(envelope, account, "5", options, lines, date=DATE, message_id=MSG_ID)
+        raw = encode_as_alex(envelope, MailOptions(subject="S"), lines, single)
     except InvalidRequest:
         assert not all(sendable(t) for t in texts_)
         return
@@ -449,18 +454,12 @@ def test_no_call_parameters_can_add_a_line_or_a_recipient(params: str, single: b
     """A voice call's parameters are refused (InvalidRequest) or come back exactly as given,
     after the text and the separator, with the lines and recipients as they were."""
     envelope = Envelope(mail_from="worker@example.com")
-    account = Account("alex", SecretStr("pw"))
     options = MailOptions(format=Format.voice, voice="w")
     lines = [ListLine(("79991234567",), "one", params), ListLine(("G1",), "two")][
         : 1 if single else 2
     ]
     try:
-        if single:
-            raw = encode_single(
-                envelope, account, "5", options, lines[0], date=DATE, message_id=MSG_ID
-            )
-        else:
-            raw = encode_mail(envelope, account, "5", options, lines, date=DATE, message_id=MSG_ID)
+        raw = encode_as_alex(envelope, options, lines, single)
     except InvalidRequest:
         event("refused")
         return
