@@ -2,7 +2,7 @@
 VENV := .venv
 UV := $(shell command -v uv 2>/dev/null || echo .uv-venv/bin/uv)
 
-.PHONY: run test faults lint bench bench-lanes schemas rabbitmq redis
+.PHONY: run test faults lint bench bench-lanes schemas rabbitmq redis promtool
 
 .uv-venv/bin/uv:
 	python3 -m venv .uv-venv
@@ -19,6 +19,10 @@ rabbitmq:
 redis:
 	scripts/ensure-redis
 
+# Prometheus's checker: the tests check the chart's alerting rules and the dashboard's queries.
+promtool:
+	scripts/ensure-promtool
+
 run: $(VENV)/.synced rabbitmq
 	$(VENV)/bin/smsc-worker run --emulator
 
@@ -27,7 +31,7 @@ lint: $(VENV)/.synced
 	$(VENV)/bin/ruff format --check worker tests bench
 	$(VENV)/bin/mypy worker
 
-test: lint rabbitmq redis
+test: lint rabbitmq redis promtool
 	$(VENV)/bin/pytest -n 2 -q
 
 faults: lint rabbitmq redis

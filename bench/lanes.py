@@ -3,12 +3,12 @@ while a bulk backlog drains at the account's default pace, against the same requ
 nothing else to do, measured in the same run (`make bench-lanes`).
 
 The worker runs with its default settings (pace, batch windows, lanes) against the gateway
-emulator on its loop. First, high-priority requests are published at `--high-rate` per
-second for a few seconds with no backlog (the baseline); then `--bulk` bulk requests are
-published at once, and high-priority ones again at the same rate for `--duration` seconds
-while the bulk drains. Latency is from a request's publish to its `submitted` event (its
-e-mail taken by the gateway's SMTP server); the bulk rate is the bulk requests submitted
-per second meanwhile.
+emulator in a process of its own (the real gateway is not in the worker's process either).
+First, high-priority requests are published at `--high-rate` per second for a few seconds
+with no backlog (the baseline); then `--bulk` bulk requests are published at once, and
+high-priority ones again at the same rate for `--duration` seconds while the bulk drains.
+Latency is from a request's publish to its `submitted` event (its e-mail taken by the
+gateway's SMTP server); the bulk rate is the bulk requests submitted per second meanwhile.
 """
 
 from __future__ import annotations
@@ -129,10 +129,16 @@ async def lanes(args: argparse.Namespace) -> dict[str, Any]:
     names = AmqpSettings(**amqp)
     topology = Topology("worker", args.url, groups)
     events = Events()
-    child = Child(
-        "worker",
-        {"settings": groups, "state": None, "reply_port": free_port(), "profile": None},
-    )
+    reply_port = free_port()
+    gateway = Child("gateway", {"reply_port": reply_port})
+    spec: dict[str, Any] = {
+        "settings": groups,
+        "state": None,
+        "reply_port": reply_port,
+        "profile": None,
+    }
+    # The worker's spec is read when it starts, after the gateway has its port.
+    child = Child("worker", spec)
     try:
         connection = await aio_pika.connect(args.url)
         async with connection:
@@ -142,7 +148,10 @@ async def lanes(args: argparse.Namespace) -> dict[str, Any]:
             queue = await channel.declare_queue(exclusive=True, auto_delete=True)
             await queue.bind(exchange, "sms.result.submitted")
             await queue.consume(events.on_message, no_ack=True)
+            await gateway.start()
+            spec["gateway_port"] = gateway.ready["port"]
             await child.start()
+            await gateway.send("go")
             await child.send("go")
             high_queue = names.queue(Lane.high)
 
@@ -165,8 +174,10 @@ async def lanes(args: argparse.Namespace) -> dict[str, Any]:
             window_end = time.time()
             in_time = await wait_for(busy, events, 60)
             await child.finish()
+            await gateway.finish()
     finally:
         await child.close()
+        await gateway.close()
         await topology.delete()
     bulk_in_window = sum(1 for t in events.bulk if window_start <= t <= window_end)
     limits, batch = LimitSettings(), BatchSettings()

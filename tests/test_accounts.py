@@ -245,3 +245,36 @@ async def test_only_a_producer_given_the_account_can_use_it(amqp: AmqpSettings) 
     assert "NOT_FOUND" in unknown
     assert [d.account for d in emulator.deliveries] == [BRAND]
     assert results.statuses("stolen") == [] and results.statuses("lost") == []
+
+
+async def test_a_request_naming_another_or_an_unknown_account_is_rejected(
+    amqp: AmqpSettings,
+) -> None:
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, GATEWAY, accounts=ACCOUNTS) as (emulator, _),
+    ):
+        # Published to the default account's queue, naming the brand: not billed to it.
+        await broker.publish(
+            {"request_id": "other", "to": phone(1), "text": "hi", "account": BRAND}
+        )
+        await broker.publish(
+            {"request_id": "unknown", "to": phone(2), "text": "hi", "account": "nobody"}
+        )
+        # Naming its own queue's account is fine.
+        await publish_for(
+            broker.channel,
+            amqp.account_exchange(BRAND),
+            f'{{"request_id": "own", "to": "{phone(3)}", "text": "hi", "account": "{BRAND}"}}',
+        )
+        await results.wait_until(
+            lambda: (
+                Status.rejected in results.statuses("other")
+                and Status.rejected in results.statuses("unknown")
+                and Status.accepted in results.statuses("own")
+            )
+        )
+
+    codes = {e.request_id: e.error.code for e in results.with_status(Status.rejected) if e.error}
+    assert codes == {"other": "account_not_allowed", "unknown": "unknown_account"}
+    assert [d.recipient for d in emulator.deliveries] == [phone(3)]

@@ -263,3 +263,53 @@ async def test_a_search_that_trips_the_ip_block_waits_at_the_circuit_and_still_f
     assert Counter(d.recipient for d in emulator.deliveries) == Counter(
         phone(n) for n in range(32) if n != 5
     )
+
+
+async def test_600_requests_with_5_denied_texts_and_russian_cp1251_replies_fail_only_those(
+    amqp: AmqpSettings,
+) -> None:
+    """The issue's own case: the gateway answers in Russian, in cp1251, with no charset
+    declared; five denied texts are spread among 600 requests."""
+    denied = {37, 151, 298, 420, 577}
+    ids = [f"r-{n}" for n in range(600)]
+
+    def text(n: int) -> str:
+        return f"Купите таблетки, код {n}" if n in denied else f"Ваш код {n}"
+
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(
+            amqp,
+            {"denied_words": ("таблетки",), "reply_charset": "cp1251"},
+            limits=WORKER_LIMITS,
+            retry=FAST_RETRY,
+        ) as (emulator, _),
+    ):
+        await asyncio.gather(
+            *(
+                broker.publish({"request_id": r, "to": phone(n), "text": text(n)})
+                for n, r in enumerate(ids)
+            )
+        )
+        await results.wait_until(
+            lambda: all({Status.accepted, Status.failed} & set(results.statuses(r)) for r in ids),
+            120,
+        )
+
+    failed = {e.request_id for e in results.with_status(Status.failed)}
+    assert failed == {f"r-{n}" for n in denied}
+    assert all(Status.accepted in results.statuses(r) for r in ids if r not in failed)
+    assert all(
+        e.error is not None and e.error.gateway_error == 6
+        for e in results.with_status(Status.failed)
+    )
+    # The Russian description came through the cp1251 bytes.
+    assert any(
+        "Сообщение запрещено" in e.error.message
+        for e in results.with_status(Status.failed)
+        if e.error
+    )
+    assert Counter(d.recipient for d in emulator.deliveries) == Counter(
+        phone(n) for n in range(600) if n not in denied
+    )
+    assert len(emulator.mails) <= search_bound(emulator) + 5 * searches(600)

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version  # type: ignore[import-untyped]
 
+from tests.support.promtool import check_rules
 from worker.settings import Settings
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,23 @@ serviceMonitor:
   labels:
     release: prometheus
 """,
+    "monitoring": CREDENTIALS
+    + """
+grafanaDashboard:
+  enabled: true
+  label: sms_dashboard
+  labelValue: "yes"
+  annotations:
+    grafana_folder: SMS
+  namespace: monitoring
+prometheusRule:
+  enabled: true
+  labels:
+    release: prometheus
+  alertLabels:
+    team: messaging
+  rabbitmqSelector: namespace="rabbitmq"
+""",
     # Every other optional branch of the templates at once.
     "options": """
 secrets:
@@ -115,13 +133,16 @@ settings:
   gateway:
     login: acme
     text_tags: true
+    default_senders:
+      email: noreply@shop.example
+      telegram: Shop
   smtp:
     username: acme
     security: starttls
     port: 587
   amqp:
     prefetch: 1000000
-  default_channel: 1
+  default_channel: telegram
   state:
     key_prefix: smsc-prod
     timeout_s: 0.5
@@ -177,11 +198,16 @@ TRIGGER_AUTHENTICATION_SPEC = {
     "secretTargetRef", "env", "configMapTargetRef", "hashiCorpVault", "podIdentity",
     "azureKeyVault", "gcpSecretManager", "awsSecretManager", "boundServiceAccountToken",
 }  # fmt: skip
+PROMETHEUS_RULE_FIELDS = {"alert", "record", "expr", "for", "labels", "annotations"}
 SERVICE_MONITOR_SPEC = {
     "endpoints", "selector", "namespaceSelector", "jobLabel", "targetLabels", "podTargetLabels",
     "sampleLimit", "targetLimit", "labelLimit", "labelNameLengthLimit",
     "labelValueLengthLimit", "keepDroppedTargets", "attachMetadata", "scrapeProtocols",
 }  # fmt: skip
+
+
+DASHBOARD = f"{FULLNAME}-dashboard"
+DASHBOARD_FILE = CHART / "dashboards" / "smsc-worker.json"
 
 
 def values_file(text: str) -> dict[str, Any]:
@@ -261,6 +287,13 @@ def check_custom_resource(doc: dict[str, Any], docs: list[dict[str, Any]]) -> No
         (endpoint,) = spec["endpoints"]
         assert endpoint["port"] in {p["name"] for p in selected[0]["spec"]["ports"]}
         assert endpoint["path"] == "/metrics"
+    elif doc["kind"] == "PrometheusRule":
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(spec) == {"groups"}
+        for group in spec["groups"]:
+            assert set(group) == {"name", "rules"}
+            assert all(set(rule) <= PROMETHEUS_RULE_FIELDS for rule in group["rules"])
+        check_rules(spec["groups"])
     else:
         pytest.fail(f"no check for {doc['apiVersion']} {doc['kind']}")
 
@@ -305,15 +338,17 @@ def test_manifests_match_kubernetes_schemas(
         ("existing-secret", {"ScaledObject", "TriggerAuthentication"}),
         ("service-monitor", {"ServiceMonitor"}),
         ("options", {"NetworkPolicy"}),
+        ("monitoring", {"PrometheusRule", "dashboard"}),
     ],
 )
 def test_optional_resources_follow_their_switches(
     chart: helm.Chart, value_set: str, expected: set[str]
 ) -> None:
     optional = {"ScaledObject", "TriggerAuthentication", "HorizontalPodAutoscaler"}
-    optional |= {"ServiceMonitor", "NetworkPolicy"}
+    optional |= {"ServiceMonitor", "NetworkPolicy", "PrometheusRule"}
     docs = render(chart, VALUE_SETS[value_set])
-    assert kinds(docs) & optional == expected
+    dashboards = {"dashboard"} if [d for d in docs if d["metadata"]["name"] == DASHBOARD] else set()
+    assert (kinds(docs) & optional) | dashboards == expected
     assert {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget"} <= kinds(docs)
 
 
@@ -563,6 +598,19 @@ def test_keda_scales_on_every_lanes_queue(chart: helm.Chart) -> None:
     overridden = render(chart, VALUE_SETS["keda"])
     (triggers,) = [d["spec"]["triggers"] for d in overridden if d["kind"] == "ScaledObject"]
     assert triggers[0]["metadata"]["queueName"] == "sms.priority"
+    # A named account's queues count too.
+    with_account = VALUE_SETS["keda"].replace(
+        "secrets:\n", "secrets:\n  accountPasswords:\n    brand-b: pass\n", 1
+    )
+    accounts = render(
+        chart, with_account + "settings:\n  accounts:\n    brand-b:\n      login: brandb\n"
+    )
+    (triggers,) = [d["spec"]["triggers"] for d in accounts if d["kind"] == "ScaledObject"]
+    assert [t["metadata"]["queueName"] for t in triggers][3:] == [
+        "sms.priority.account.brand-b",
+        "sms.priority.account.brand-b.high",
+        "sms.priority.account.brand-b.bulk",
+    ]
 
 
 def test_rendered_configuration_loads_in_the_worker(
@@ -593,7 +641,8 @@ def test_rendered_configuration_loads_in_the_worker(
     assert (settings.gateway.login, settings.gateway.text_tags) == ("acme", True)
     assert settings.amqp.prefetch == 1_000_000
     assert settings.observability.drain_timeout_s == 90.5
-    assert int(settings.default_channel) == 1
+    assert settings.default_channel == "telegram"
+    assert settings.gateway.default_senders == {"email": "noreply@shop.example", "telegram": "Shop"}
     assert settings.reply.token_key.get_secret_value() == "t0ken-key-2026"
     assert settings.reply.token_keys_old.get_secret_value() == "t0ken-key-2024,t0ken-key-2025"
     assert settings.reply.allowed_networks == "203.0.113.0/24,2001:db8::/32"
@@ -615,7 +664,12 @@ def _settings_fields() -> dict[str, Any]:
 
     def field(prop: dict[str, Any]) -> dict[str, Any]:
         resolved = resolve(prop)
-        return {k: resolved[k] for k in kept if k in resolved}
+        found = {k: resolved[k] for k in kept if k in resolved}
+        # A mapping setting: the schema of its keys and of its values (types only).
+        for part in ("additionalProperties", "propertyNames"):
+            if isinstance(resolved.get(part), dict):
+                found[part] = {k: v for k, v in field(resolved[part]).items() if k != "description"}
+        return found
 
     fields: dict[str, Any] = {}
     for name, prop in full["properties"].items():
@@ -743,3 +797,45 @@ def test_the_network_policy_opens_the_reply_port_to_the_sources_only(chart: helm
     assert by_port["metrics"]["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
     ports = {p["name"] for p in container(docs)["ports"]}
     assert set(by_port) <= ports
+
+
+@pytest.mark.parametrize(
+    ("values", "label", "namespace"),
+    [
+        (
+            CREDENTIALS + "grafanaDashboard:\n  enabled: true\n",
+            ("grafana_dashboard", "1"),
+            NAMESPACE,
+        ),
+        (VALUE_SETS["monitoring"], ("sms_dashboard", "yes"), "monitoring"),
+    ],
+)
+def test_the_dashboard_ships_as_a_config_map_for_the_grafana_sidecar(
+    chart: helm.Chart, values: str, label: tuple[str, str], namespace: str
+) -> None:
+    config_map = one(render(chart, values), "ConfigMap", DASHBOARD)
+    name, value = label
+    assert config_map["metadata"]["labels"][name] == value
+    assert config_map["metadata"]["namespace"] == namespace
+    (key,) = config_map["data"]
+    assert key.endswith(".json")
+    assert json.loads(config_map["data"][key]) == json.loads(DASHBOARD_FILE.read_text())
+
+
+def test_the_alerts_select_this_releases_series(chart: helm.Chart) -> None:
+    """By default the rules read the job and namespace this chart's ServiceMonitor gives
+    the worker's series; RabbitMQ's series are matched on the queue names from settings."""
+    values = CREDENTIALS
+    values += "settings:\n  amqp:\n    requests_queue: sms.eu\n    dead_letter_queue: sms.eu.dead\n"
+    values += "prometheusRule:\n  enabled: true\n"
+    (group,) = one(render(chart, values), "PrometheusRule")["spec"]["groups"]
+    worker = f'job="{FULLNAME}-metrics", namespace="{NAMESPACE}"'
+    for rule in group["rules"]:
+        for selector in re.findall(r"smsc_\w+\{([^}]*)\}", rule["expr"]):
+            assert selector.startswith(worker), rule["alert"]
+        for selector in re.findall(r"rabbitmq_\w+\{([^}]*)\}", rule["expr"]):
+            assert selector in {r"queue=~`sms\.eu(\.high|\.bulk)?`", 'queue="sms.eu.dead"'}
+    custom = values + '  selector: cluster="eu", app="sms"\n'
+    (group,) = one(render(chart, custom), "PrometheusRule")["spec"]["groups"]
+    assert all(worker not in rule["expr"] for rule in group["rules"])
+    assert all('cluster="eu", app="sms"' in rule["expr"] for rule in group["rules"])

@@ -381,12 +381,13 @@ async def test_the_pace_counts_mails_and_parts(make: MakeHarness) -> None:
     assert (await store.begin_sending(record("m2", "r2", parts=1))).kind == GateKind.go
 
 
-async def test_the_pace_keeps_a_share_for_high_priority_and_a_floor_for_the_rest(
+async def test_normal_and_bulk_leave_a_share_of_the_burst_to_high_priority(
     make: MakeHarness,
 ) -> None:
     # Rates that are sums of powers of two: the GCRA's sums stay exact.
-    limits = {"mails_per_second": 8, "parts_per_second": 1024, "high_share": 0.5}
-    harness = await make(limits={**limits, "others_floor": 0.25})
+    harness = await make(
+        limits={"mails_per_second": 8, "parts_per_second": 1024, "high_share": 0.5}
+    )
     store = await harness.store()
 
     async def burst(prefix: str, lane: Lane) -> int:
@@ -398,16 +399,41 @@ async def test_the_pace_keeps_a_share_for_high_priority_and_a_floor_for_the_rest
             sent += 1
         return sent
 
-    # Normal and bulk e-mails stop at their half of the burst, and high-priority ones still
-    # find the rest free.
+    # Normal and bulk e-mails stop at half the burst, and high-priority ones still find the
+    # rest free.
     assert await burst("n", Lane.normal) == 4
     assert await burst("h", Lane.high) == 4
+    assert (await store.begin_sending(record("mb", "n9", lane=Lane.bulk))).kind == GateKind.wait
 
-    # High-priority e-mails alone cannot take the whole pace: the floor is the others'.
-    harness = await make(limits={**limits, "others_floor": 0.5})
-    store = await harness.store()
-    assert await burst("h", Lane.high) == 4
-    assert await burst("b", Lane.bulk) == 4
+
+async def test_over_time_bulk_keeps_its_floor_and_uses_the_whole_pace_alone() -> None:
+    clock = Clock()
+    limits = LimitSettings(
+        mails_per_second=8, parts_per_second=1024, high_share=0.25, others_floor=0.25
+    )
+    store = MemoryStateStore(limits, RetrySettings(), clock)
+    await claim(store, *(f"h{n}" for n in range(200)), *(f"b{n}" for n in range(200)))
+    sent = {Lane.high: 0, Lane.bulk: 0}
+
+    async def greedy(lanes: tuple[Lane, ...], seconds: float) -> None:
+        end = clock.now + seconds
+        while clock.now < end:
+            for lane in lanes:
+                n = sent[lane]
+                rid = f"{'h' if lane == Lane.high else 'b'}{n}"
+                gate = await store.begin_sending(record(f"m{rid}", rid, lane=lane))
+                sent[lane] += gate.kind == GateKind.go
+            clock.now += 1 / 64
+
+    # Both lanes greedy for 10 s: high takes at most its share of the rate (and a burst),
+    # bulk keeps the rest.
+    await greedy((Lane.high, Lane.bulk), 10)
+    assert sent[Lane.high] <= 8 * 0.75 * 10 + 8
+    assert sent[Lane.bulk] >= 8 * 0.25 * 10 - 2
+    # Bulk alone: the whole pace, the kept share of the burst notwithstanding.
+    before = sent[Lane.bulk]
+    await greedy((Lane.bulk,), 5)
+    assert sent[Lane.bulk] - before >= 8 * 5 - 2
 
 
 async def test_a_stopped_account_sends_nothing(make: MakeHarness) -> None:

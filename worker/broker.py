@@ -77,7 +77,8 @@ class Outgoing:
 
 class Broker:
     """One robust connection, a consuming channel and a confirming publishing channel.
-    `published` is told of every result event once the broker has confirmed it."""
+    `published` is told of every result event once the broker has confirmed it, and
+    `dead_lettered` of the error code of every dead-letter copy."""
 
     def __init__(
         self,
@@ -85,11 +86,14 @@ class Broker:
         *,
         published: Callable[[Sequence[ResultEvent]], None] | None = None,
         accounts: Sequence[str] = (DEFAULT_ACCOUNT,),
+        dead_lettered: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.accounts = tuple(accounts)
         self._published = published
+        self._dead_lettered = dead_lettered
         self.connection: AbstractRobustConnection | None = None
+        self._high_connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         # A channel per account and lane: its prefetch is the lane's own, so a prefetch full
         # of bulk requests never holds back an urgent one, nor one account's another's.
@@ -98,17 +102,25 @@ class Broker:
         self.dead_letters: AbstractExchange | None = None
         self.requests: dict[tuple[str, Lane], AbstractQueue] = {}
 
-    async def connect(self) -> None:
-        self.connection = await aio_pika.connect_robust(
+    async def _connect(self, name: str) -> AbstractRobustConnection:
+        return await aio_pika.connect_robust(
             self.settings.url.get_secret_value(),
-            client_properties={"connection_name": self.settings.connection_name},
+            client_properties={"connection_name": name},
             # Unacked requests are redelivered to other consumers meanwhile; come back soon.
             reconnect_interval=RECONNECT_INTERVAL_S,
         )
+
+    async def connect(self) -> None:
+        self.connection = await self._connect(self.settings.connection_name)
+        # High-priority deliveries come over a connection of their own: frames are read in
+        # order per connection, and one behind a prefetch's worth of bulk deliveries would
+        # wait for every one of them to be read first.
+        self._high_connection = await self._connect(f"{self.settings.connection_name} (high)")
         self._publish_channel = await self.connection.channel(publisher_confirms=True)
         for account in self.accounts:
             for lane in Lane:
-                channel = await self.connection.channel(publisher_confirms=True)
+                connection = self._high_connection if lane == Lane.high else self.connection
+                channel = await connection.channel(publisher_confirms=True)
                 await channel.set_qos(prefetch_count=self.settings.prefetch_of(lane))
                 self._consume_channels[account, lane] = channel
         await self._declare()
@@ -160,12 +172,15 @@ class Broker:
                 )
 
     async def close(self) -> None:
-        if self.connection is not None:
-            await self.connection.close()
+        for connection in (self._high_connection, self.connection):
+            if connection is not None:
+                await connection.close()
 
     @property
     def is_connected(self) -> bool:
-        return self.connection is not None and not self.connection.is_closed
+        return all(
+            c is not None and not c.is_closed for c in (self.connection, self._high_connection)
+        )
 
     async def _confirmed(self, messages: list[RawMessage]) -> None:
         """Publish a set in one write, its confirms awaited together, within the deadline.
@@ -227,6 +242,8 @@ class Broker:
         await self._confirmed(messages)
         if self._published is not None and events:
             self._published([item.event for item in events])
+        if self._dead_lettered is not None and dead_letters:
+            self._dead_lettered([code for _, code, _ in dead_letters])
 
     def consuming_queue(
         self, lane: Lane = Lane.normal, account: str = DEFAULT_ACCOUNT

@@ -207,7 +207,10 @@ class Service:
         self.telemetry = Telemetry(settings, tracer_provider)
         self.accounts: dict[str, GatewayAccount] = accounts_of(settings)
         self.broker = Broker(
-            settings.amqp, published=self.telemetry.published, accounts=list(self.accounts)
+            settings.amqp,
+            published=self.telemetry.published,
+            dead_lettered=self.telemetry.metrics.dead_lettered,
+            accounts=list(self.accounts),
         )
         # One store per account: its ledger, limits, pace, circuit and stopped flag, under
         # keys that carry its tag. `store` is the default account's.
@@ -616,6 +619,21 @@ class Service:
             metadata=request.metadata,
             attempt=provenance.attempt,
         )
+        if request.account is not None and request.account != delivery.account:
+            known = request.account in self.accounts
+            return Arrival(
+                delivery,
+                subject,
+                Reject(
+                    "account_not_allowed" if known else "unknown_account",
+                    f"the request names account {request.account!r}, but came from the queue "
+                    f"of account {delivery.account!r}: a producer may bill only the account "
+                    "whose queue it may publish to"
+                    if known
+                    else f"the request names account {request.account!r}, which this worker "
+                    "does not have",
+                ),
+            )
         try:
             prepared = prepare(
                 request,

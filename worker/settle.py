@@ -241,7 +241,7 @@ class Settler:
         if not with_deliveries and mails_done:
             await self._stores[account].finish(Finish(mails_done=mails_done))
         if plan.submitted:
-            self._telemetry.submitted(s.copy.headers for s in plan.submitted)
+            self._telemetry.submitted((s.copy.headers, s.lane) for s in plan.submitted)
         await self._acker.settle(plan.acks, plan.requeues)
 
     async def apply_backlog(self) -> None:
@@ -267,8 +267,8 @@ class Settler:
             plan.acks.append(delivery)
         rid = subject.request_id
         if isinstance(fate, Replay):
-            replayed = ResultEvent.model_validate_json(fate.event)
-            plan.events.append(_outgoing(replayed, subject.copy, fate.event.encode()))
+            replayed, raw = ResultEvent.from_stored(fate.event)
+            plan.events.append(_outgoing(replayed, subject.copy, raw))
             return
         event = self._event(subject, fate, now)
         body = event.model_dump_json() if event is not None else ""

@@ -58,6 +58,7 @@ from opentelemetry.util.types import AttributeValue
 from worker.contract import ResultEvent
 from worker.delivery import ATTEMPT_HEADER
 from worker.errors import ConfigurationError
+from worker.lanes import Lane
 from worker.ledger import CircuitView, MailRecord
 from worker.logs import Masker, gateway_id_var, request_id_var, secrets_of
 from worker.metrics import RECEIVED_HEADER, Metrics, gateway_error_label
@@ -281,7 +282,7 @@ class Telemetry:
         with self._span("smtp submit", SpanKind.CLIENT, attributes) as span:
             yield SmtpCall(self, span, lines, size, account)
 
-    def submitted(self, requests: Iterable[Mapping[str, Any]]) -> None:
+    def submitted(self, requests: Iterable[tuple[Mapping[str, Any], Lane]]) -> None:
         """The `submitted` (or `unknown`) events of these requests are confirmed."""
         self.metrics.submitted(requests)
 
@@ -317,7 +318,8 @@ class Telemetry:
         ):
             yield
         if isinstance(reply, Accepted):
-            self.metrics.accepted(r.copy.headers for r in record.requests)
+            self.metrics.accepted((r.copy.headers, r.lane) for r in record.requests)
+        self.metrics.replies.labels("ok" if isinstance(reply, Accepted) else "error").inc()
 
     # spans ---------------------------------------------------------------------------
 

@@ -208,11 +208,17 @@ class SplitNotes:
     granted: bool = True
 
 
-def lane_share(limits: LimitSettings, urgent: bool) -> float:
-    """The share of the account's pace an e-mail's lane may use: normal and bulk e-mails
-    leave `high_share` free for high-priority ones, which leave `others_floor` to the rest,
-    so that neither side can take it all."""
-    return 1 - (limits.others_floor if urgent else limits.high_share)
+def pace_depth(limits: LimitSettings, urgent: bool) -> float:
+    """How much of the pace's one-second burst an e-mail may fill: normal and bulk e-mails
+    leave `high_share` of it free at all times, so a high-priority e-mail never waits
+    behind them, while they may still use the whole rate when nothing urgent comes."""
+    return 1.0 if urgent else 1 - limits.high_share
+
+
+def high_rate_share(limits: LimitSettings) -> float:
+    """The share of the pace high-priority e-mails may use over time: they leave
+    `others_floor` to the rest, so bulk never starves."""
+    return 1 - limits.others_floor
 
 
 class CircuitView(StrEnum):
@@ -242,8 +248,9 @@ class StateStore(Protocol):
     async def begin_sending(self, record: MailRecord) -> Gate:
         """Before DATA: if the account, the circuit and the pace allow an e-mail of
         `record.sms_parts` parts now and every request is still claimed by this process,
-        write the record and mark its requests `sending`, in one step. Besides the
-        account's pace, each e-mail draws on its lane's share of it (`lane_share`)."""
+        write the record and mark its requests `sending`, in one step. Normal and bulk
+        e-mails keep a part of the pace's burst free (`pace_depth`); high-priority ones
+        draw on a share of the rate too (`high_rate_share`)."""
 
     async def finish(self, finish: Finish) -> None: ...
 

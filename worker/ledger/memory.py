@@ -19,7 +19,8 @@ from worker.ledger import (
     SplitNotes,
     Verdict,
     VerdictKind,
-    lane_share,
+    high_rate_share,
+    pace_depth,
 )
 from worker.limits import CircuitRule, ContentWindow, Pace, SubscriberStreaks
 from worker.settings import LimitSettings, RetrySettings
@@ -56,13 +57,9 @@ class MemoryStateStore:
         self._streaks = SubscriberStreaks(limits.subscriber_streak, limits.subscriber_gap_s)
         self._mails_pace = Pace(limits.mails_per_second)
         self._parts_pace = Pace(limits.parts_per_second)
-        self._lane_paces = {
-            urgent: (
-                Pace(limits.mails_per_second * lane_share(limits, urgent)),
-                Pace(limits.parts_per_second * lane_share(limits, urgent)),
-            )
-            for urgent in (False, True)
-        }
+        self._limits = limits
+        self._high_mails_pace = Pace(limits.mails_per_second * high_rate_share(limits))
+        self._high_parts_pace = Pace(limits.parts_per_second * high_rate_share(limits))
         self._circuit = CircuitRule(retry.circuit_base_s, retry.circuit_max_s)
         self._stopped: str | None = None
         self._admitted = 0
@@ -143,18 +140,20 @@ class MemoryStateStore:
         )
         if lost:
             return Gate(GateKind.lost, lost=lost)
+        depth = pace_depth(self._limits, record.urgent)
         mails_pace, parts_pace = copy(self._mails_pace), copy(self._parts_pace)
-        lane_mails, lane_parts = (copy(p) for p in self._lane_paces[record.urgent])
-        wait = max(
-            mails_pace.take(1, now),
-            parts_pace.take(record.sms_parts, now),
-            lane_mails.take(1, now),
-            lane_parts.take(record.sms_parts, now),
-        )
+        high_mails, high_parts = copy(self._high_mails_pace), copy(self._high_parts_pace)
+        waits = [
+            mails_pace.take(1, now, depth),
+            parts_pace.take(record.sms_parts, now, depth),
+        ]
+        if record.urgent:
+            waits += [high_mails.take(1, now), high_parts.take(record.sms_parts, now)]
+        wait = max(waits)
         if wait > 0:
             return Gate(GateKind.wait, wait, "pace")
         self._circuit, self._mails_pace, self._parts_pace = circuit, mails_pace, parts_pace
-        self._lane_paces[record.urgent] = (lane_mails, lane_parts)
+        self._high_mails_pace, self._high_parts_pace = high_mails, high_parts
         for carried in record.requests:
             entry = self._ledger[carried.request_id]
             self._set(carried.request_id, replace(entry, state="sending", mail_id=record.mail_id))

@@ -16,7 +16,7 @@ account's keys in one slot, so the scripts work on Redis Cluster too:
 | `window:<content key>` | sorted set of admission times | `identical_window_s` |
 | `streak:<subscriber>` | hash: last, n | `subscriber_gap_s` |
 | `pace:mails`, `pace:parts` | GCRA theoretical arrival time | at most 2 s |
-| `pace:mails:<lane>`, `pace:parts:<lane>` | the same, a lane's share (high, others) | 2 s |
+| `pace:mails:high`, `pace:parts:high` | the same, the high lane's share of the rate | 2 s |
 | `split:<root mail id>` | hash: failed, ok, mails (a bad-line search) | `dedup_ttl_s` |
 | `circuit` | hash: open_until, pause, probe_until, reason | pause + 1 day |
 | `stopped` | why the account was stopped | 1 day |
@@ -63,7 +63,8 @@ from worker.ledger import (
     StateUnavailable,
     Verdict,
     VerdictKind,
-    lane_share,
+    high_rate_share,
+    pace_depth,
 )
 from worker.settings import DEFAULT_ACCOUNT, Settings
 
@@ -360,8 +361,8 @@ class RedisStateStore:
             repr(limits.mails_per_second),
             repr(limits.parts_per_second),
             repr(float(record.sms_parts)),
-            "high" if record.urgent else "others",
-            repr(lane_share(limits, record.urgent)),
+            repr(pace_depth(limits, record.urgent)),
+            repr(high_rate_share(limits)) if record.urgent else "",
             len(ids),
             *ids,
         )
