@@ -167,11 +167,16 @@ class Settler:
         self.backlog: list[Finish] = []
 
     async def settle(
-        self, items: Sequence[tuple[Subject, Fate]], *, mails_done: Sequence[str] = ()
+        self,
+        items: Sequence[tuple[Subject, Fate]],
+        *,
+        mails_done: Sequence[str] = (),
+        replied: bool = False,
     ) -> None:
         """Apply a set of fates. Never raises for a set with deliveries (what cannot be
         recorded goes back to the queue); raises for one without, so that its source (a
-        reply) is asked again. `mails_done`: e-mails whose records go with the set."""
+        reply) is asked again. `mails_done`: e-mails whose records go with the set;
+        `replied`: they go because their reply was applied (the ledger marks them so)."""
         plan = _Plan()
         now = time.time()
         for subject, fate in items:
@@ -211,7 +216,9 @@ class Settler:
             await self._acker.settle((), [*plan.acks, *plan.requeues])
             return
         if not with_deliveries and mails_done:
-            await self._store.finish(Finish(mails_done=mails_done))
+            await self._store.finish(
+                Finish(replied=mails_done) if replied else Finish(mails_done=mails_done)
+            )
         if plan.submitted:
             self._telemetry.submitted(s.copy.headers for s in plan.submitted)
         await self._acker.settle(plan.acks, plan.requeues)
@@ -374,7 +381,12 @@ def _dead_lettered(fate: Fate) -> bool:
 
 def _has_steps(finish: Finish) -> bool:
     return bool(
-        finish.sent or finish.answered or finish.released or finish.refunds or finish.mails_done
+        finish.sent
+        or finish.answered
+        or finish.released
+        or finish.refunds
+        or finish.mails_done
+        or finish.replied
     )
 
 
