@@ -182,6 +182,37 @@ class ReplyAddresses:
         return None, "token"
 
 
+def sender_allowed(allowed: Sequence[str], address: str) -> bool:
+    """Whether an envelope sender is one of `allowed` (lowercased addresses or `@domain`s;
+    none: any sender)."""
+    if not allowed:
+        return True
+    address = address.lower()
+    domain = "@" + address.rpartition("@")[2]
+    return "@" in address and (address in allowed or domain in allowed)
+
+
+def verified_recipients(
+    addresses: ReplyAddresses, recipients: Iterable[str]
+) -> tuple[set[str], set[str]]:
+    """(the e-mails, the tokens) of those `recipients` that are reply addresses whose token
+    verifies: the e-mails a reply to them may answer."""
+    mail_ids: set[str] = set()
+    tokens: set[str] = set()
+    for address in recipients:
+        mail_id, _ = addresses.read(address)
+        if mail_id is not None:
+            mail_ids.add(mail_id)
+            tokens.add(address.rpartition("@")[0].rpartition(TOKEN_SEPARATOR)[2])
+    return mail_ids, tokens
+
+
+def names_other_mail(reply: Reply, mail_id: str) -> bool:
+    """Whether the reply's body names another e-mail than the one its address verified."""
+    named = reply.mail_id
+    return named is not None and named.lower() != mail_id
+
+
 def _peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         ip = ipaddress.ip_address(peer[0])
@@ -228,17 +259,10 @@ class ReplyHandler:
         self._refuse("peer", "connection from %s, outside the allowed networks", peer)
         return False
 
-    def _sender_allowed(self, address: str) -> bool:
-        if not self._senders:
-            return True
-        address = address.lower()
-        domain = "@" + address.rpartition("@")[2]
-        return "@" in address and (address in self._senders or domain in self._senders)
-
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
-        if not self._sender_allowed(address):
+        if not sender_allowed(self._senders, address):
             self._refuse("sender", "envelope sender %r from %s", address, session.peer)
             return "550 5.7.1 sender not allowed"
         envelope.mail_from = address
@@ -263,22 +287,17 @@ class ReplyHandler:
         except UnreadableReply as exc:
             return await self._unreadable(raw, str(exc), envelope)
         # Every recipient verified at RCPT: these are the e-mails the reply may answer.
-        addressed: set[str] = set()
-        for address in envelope.rcpt_tos:
-            verified, _ = self._addresses.read(address)
-            if verified is not None:
-                addressed.add(verified)
+        addressed, _ = verified_recipients(self._addresses, envelope.rcpt_tos)
         if len(addressed) != 1:
             self._refuse("ambiguous", "one reply addressed to e-mails %s", sorted(addressed))
             return "550 5.7.1 one reply answers one e-mail"
         (mail_id,) = addressed
-        named = reply.mail_id
-        if named is not None and named.lower() != mail_id:
+        if names_other_mail(reply, mail_id):
             self._refuse(
                 "mail_id_mismatch",
                 "reply to e-mail %s names e-mail %r in its body, from %s",
                 mail_id,
-                named,
+                reply.mail_id,
                 session.peer,
             )
             return "550 5.7.1 the reply names another e-mail than its address"
@@ -292,13 +311,7 @@ class ReplyHandler:
     async def _unreadable(self, raw: bytes, reason: str, envelope: Any) -> str:
         """Keep a copy of a reply that could not be read, then answer 250; 451 when the
         copy could not be kept, so that the reply comes again rather than be lost."""
-        mail_ids: set[str] = set()
-        tokens: set[str] = set()
-        for address in envelope.rcpt_tos:
-            mail_id, _ = self._addresses.read(address)
-            if mail_id is not None:
-                mail_ids.add(mail_id)
-                tokens.add(address.rpartition("@")[0].rpartition(TOKEN_SEPARATOR)[2])
+        mail_ids, tokens = verified_recipients(self._addresses, envelope.rcpt_tos)
         if self._keep_unreadable is None:
             log.error("unreadable gateway reply from %s: %s", envelope.mail_from, reason)
             return "250 OK (unreadable reply logged)"
