@@ -2,7 +2,7 @@
 VENV := .venv
 UV := $(shell command -v uv 2>/dev/null || echo .uv-venv/bin/uv)
 
-.PHONY: run test faults lint bench schemas rabbitmq redis
+.PHONY: run test faults lint bench schemas rabbitmq redis dovecot
 
 .uv-venv/bin/uv:
 	python3 -m venv .uv-venv
@@ -19,6 +19,10 @@ rabbitmq:
 redis:
 	scripts/ensure-redis
 
+# The mailbox server of the IMAP reply source's tests (and of trying that mode by hand).
+dovecot:
+	scripts/ensure-dovecot
+
 run: $(VENV)/.synced rabbitmq
 	$(VENV)/bin/smsc-worker run --emulator
 
@@ -27,7 +31,7 @@ lint: $(VENV)/.synced
 	$(VENV)/bin/ruff format --check worker tests bench
 	$(VENV)/bin/mypy worker
 
-test: lint rabbitmq redis
+test: lint rabbitmq redis dovecot
 	$(VENV)/bin/pytest -n 2 -q
 
 faults: lint rabbitmq redis

@@ -77,6 +77,7 @@ from worker.protocol.fields import new_mail_id
 from worker.protocol.mail import Account, Envelope, MailBuilder
 from worker.protocol.replies import Accepted as AcceptedReply
 from worker.protocol.replies import Reply
+from worker.reply_imap import ImapReplies, MailJudge, ReplyOutcome
 from worker.reply_receiver import (
     UNREADABLE_REPLY,
     ReplyAddresses,
@@ -213,6 +214,7 @@ class Service:
         self.telemetry.watch(lambda: self.circuit_view)
         self._smtp: GatewaySmtp | None = None
         self._reply_server: asyncio.Server | None = None
+        self.imap_replies: ImapReplies | None = None
         self._consumer_tag: str | None = None
         # Start and stop come from the intake, the submissions, replies and the state
         # watcher: one at a time, or two consumers could be started.
@@ -260,6 +262,49 @@ class Service:
                 "SMSC_REPLY__TOKEN_KEY is empty: the key of the reply address tokens is "
                 "derived from the gateway password (set a key of its own to rotate it apart)"
             )
+        if s.reply.source == "imap":
+            self._start_imap()
+        else:
+            await self._start_listener()
+        await self.broker.connect()
+        for loop in (
+            self._intake_loop,
+            self._flush_when_due,
+            self._expire_unanswered,
+            self._watch_state,
+        ):
+            self._background.append(asyncio.create_task(self._keep_running(loop)))
+        if self.imap_replies is not None:
+            self._background.append(asyncio.create_task(self._keep_running(self.imap_replies.run)))
+        if await self.store.account_stopped() is not None:
+            self._note_account_stopped()
+        else:
+            await self._start_consuming()
+        if self.imap_replies is not None:
+            where = f"from imap://{s.reply.imap.host}:{s.reply.imap.port}/{s.reply.imap.folder}"
+        else:
+            where = f"on {s.reply.host}:{self.reply_port}"
+        log.info("consuming %s; replies %s", s.amqp.requests_queue, where)
+
+    def _start_imap(self) -> None:
+        s = self.settings
+        if s.reply.imap.security == "none":
+            log.warning("SMSC_REPLY__IMAP__SECURITY=none: the mailbox password travels in clear")
+        if not s.reply.imap.plus_addressing and not s.reply.imap.authserv_id:
+            log.warning(
+                "SMSC_REPLY__IMAP__INSECURE_BODY_ID_ONLY=true: any message naming a gateway "
+                "id in its body is taken for its reply (anyone who knows one can answer)"
+            )
+        self.imap_replies = ImapReplies(
+            s.reply,
+            MailJudge(self.reply_addresses, s.reply, s.gateway.address),
+            self.apply_reply,
+            self.keep_unreadable_reply,
+            self.telemetry.metrics,
+        )
+
+    async def _start_listener(self) -> None:
+        s = self.settings
         handler = ReplyHandler(
             self.reply_addresses,
             self.on_reply,
@@ -288,21 +333,6 @@ class Service:
             ),
             require_starttls=False,
         )
-        await self.broker.connect()
-        for loop in (
-            self._intake_loop,
-            self._flush_when_due,
-            self._expire_unanswered,
-            self._watch_state,
-        ):
-            self._background.append(asyncio.create_task(self._keep_running(loop)))
-        if await self.store.account_stopped() is not None:
-            self._note_account_stopped()
-        else:
-            await self._start_consuming()
-        log.info(
-            "consuming %s; replies on %s:%d", s.amqp.requests_queue, s.reply.host, self.reply_port
-        )
 
     @property
     def reply_port(self) -> int:
@@ -317,6 +347,7 @@ class Service:
             and not self.draining
             and self.state_ok
             and self.circuit_view == CircuitView.closed
+            and (self.imap_replies is None or self.imap_replies.healthy(time.time()))
         )
 
     def stop(self) -> None:
@@ -827,7 +858,7 @@ class Service:
         assert self._smtp is not None
         with self.telemetry.smtp(batch.mail_id, len(live), len(mail)) as smtp_call:
             result = await self._smtp.submit(
-                self.reply_addresses.address(batch.mail_id),
+                self.reply_from(batch.mail_id),
                 self.settings.gateway.address,
                 mail,
             )
@@ -840,6 +871,14 @@ class Service:
             len(mail),
         )
         await self._settle(*self._after_smtp(result, batch.mail_id, live))
+
+    def reply_from(self, mail_id: str) -> str:
+        """The From of e-mail `mail_id`: its reply address with its token, or the bare
+        address for a mailbox without plus-addressing (its replies matched by body ID)."""
+        reply = self.settings.reply
+        if reply.source == "imap" and not reply.imap.plus_addressing:
+            return reply.address
+        return self.reply_addresses.address(mail_id)
 
     def _after_smtp(
         self, result: SubmitResult, mail_id: str, live: list[Pending]
@@ -877,6 +916,10 @@ class Service:
         they could not be settled, so that the reply is sent again. Only the reply receiver
         calls it, for an e-mail whose reply address verified (its token): that is what lets
         errors 2 and 4 stop or pause the whole account."""
+        await self.apply_reply(mail_id, reply)
+
+    async def apply_reply(self, mail_id: str, reply: Reply) -> ReplyOutcome:
+        """`on_reply`, saying what became of the reply: a mailbox files it by that."""
         if mail_id in self._replies:
             raise MailBusy(f"a reply to e-mail {mail_id} is being handled")
         self._replies.add(mail_id)
@@ -886,8 +929,11 @@ class Service:
                 await asyncio.shield(submitting)
             record = await self.store.take_mail(mail_id)
             if record is None:
+                if await self.store.mail_replied(mail_id):
+                    log.info("reply to e-mail %s applied already: nothing to change", mail_id)
+                    return ReplyOutcome.applied_before
                 log.warning("reply for unknown or already answered e-mail %s: %s", mail_id, reply)
-                return
+                return ReplyOutcome.unknown_mail
             try:
                 with self.telemetry.reply(record, reply):
                     await self._apply_reply(record, reply)
@@ -895,6 +941,7 @@ class Service:
                 with contextlib.suppress(StateUnavailable):
                     await self.store.give_back_mail(mail_id)
                 raise
+            return ReplyOutcome.applied
         finally:
             self._replies.discard(mail_id)
 
@@ -953,7 +1000,7 @@ class Service:
                 self._note_account_stopped()
                 await self._stop_consuming()
         await self.settler.settle(
-            list(zip(subjects, fates, strict=True)), mails_done=[record.mail_id]
+            list(zip(subjects, fates, strict=True)), mails_done=[record.mail_id], replied=True
         )
 
     def _compare_parts(self, record: MailRecord, reply: AcceptedReply) -> None:

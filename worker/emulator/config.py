@@ -56,6 +56,11 @@ class EmulatorConfig(BaseModel):
     reply_relay: tuple[str, int] | None = Field(
         None, description="SMTP host:port that reply e-mails go to; None: no replies"
     )
+    reply_lmtp: bool = Field(
+        False,
+        description="reply_relay speaks LMTP: replies are delivered straight into a mailbox "
+        "server (Dovecot), for the worker's IMAP reply source",
+    )
     reply_from: str = DEFAULT_GATEWAY_ADDRESS
     latency_s: float = Field(0.0, ge=0, description="delay before answering DATA")
     record_path: Path | None = Field(None, description="deliveries appended as JSON lines")

@@ -133,7 +133,9 @@ class Emulator:
         self._gateway = Gateway(self.config, clock)
         self._handler = _Handler(self)
         self._relay = (
-            ReplyRelay(*self.config.reply_relay, self.config.reply_from)
+            ReplyRelay(
+                *self.config.reply_relay, self.config.reply_from, lmtp=self.config.reply_lmtp
+            )
             if self.config.reply_relay
             else None
         )
