@@ -2,7 +2,7 @@
 VENV := .venv
 UV := $(shell command -v uv 2>/dev/null || echo .uv-venv/bin/uv)
 
-.PHONY: run test faults lint bench schemas rabbitmq redis dovecot
+.PHONY: run test faults lint bench bench-lanes schemas rabbitmq redis promtool dovecot
 
 .uv-venv/bin/uv:
 	python3 -m venv .uv-venv
@@ -19,6 +19,10 @@ rabbitmq:
 redis:
 	scripts/ensure-redis
 
+# Prometheus's checker: the tests check the chart's alerting rules and the dashboard's queries.
+promtool:
+	scripts/ensure-promtool
+
 # The mailbox server of the IMAP reply source's tests (and of trying that mode by hand).
 dovecot:
 	scripts/ensure-dovecot
@@ -31,7 +35,7 @@ lint: $(VENV)/.synced
 	$(VENV)/bin/ruff format --check worker tests bench
 	$(VENV)/bin/mypy worker
 
-test: lint rabbitmq redis dovecot
+test: lint rabbitmq redis promtool dovecot
 	$(VENV)/bin/pytest -n 2 -q
 
 faults: lint rabbitmq redis
@@ -39,6 +43,9 @@ faults: lint rabbitmq redis
 
 bench: $(VENV)/.synced rabbitmq redis
 	$(VENV)/bin/python -m bench.run
+
+bench-lanes: $(VENV)/.synced rabbitmq
+	$(VENV)/bin/python -m bench.lanes
 
 schemas: $(VENV)/.synced
 	$(VENV)/bin/smsc-worker schemas

@@ -162,15 +162,16 @@ async def ready_then_go(meter: Meter) -> None:
 
 
 class HeldQueue:
-    """The worker's requests queue, holding back `consume` until the parent says go: the
-    Service is then connected, its topology declared and its tasks running."""
+    """A requests queue of the worker, holding back `consume` until the parent says go: the
+    Service is then connected, its topology declared and its tasks running. The queues of
+    every lane share one `go`."""
 
-    def __init__(self, queue: Any, meter: Meter) -> None:
+    def __init__(self, queue: Any, go: Callable[[], Awaitable[None]]) -> None:
         self._queue = queue
-        self._meter = meter
+        self._go = go
 
     async def consume(self, *args: Any, **kwargs: Any) -> Any:
-        await ready_then_go(self._meter)
+        await self._go()
         return await self._queue.consume(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -353,10 +354,16 @@ async def child_worker(spec: dict[str, Any], meter: Meter) -> dict[str, Any]:
             worker_settings(spec["settings"], gateway_port, reply_port, spec.get("state"))
         )
         consuming_queue = service.broker.consuming_queue
+        started: list[asyncio.Future[None]] = []
 
-        def held_consuming_queue() -> Any:
-            # Service.start() asks for the queue right before basic.consume.
-            return HeldQueue(consuming_queue(), meter)
+        async def go() -> None:
+            if not started:
+                started.append(asyncio.ensure_future(ready_then_go(meter)))
+            await asyncio.shield(started[0])
+
+        def held_consuming_queue(*args: Any) -> Any:
+            # Service.start() asks for each lane's queue right before basic.consume.
+            return HeldQueue(consuming_queue(*args), go)
 
         service.broker.consuming_queue = held_consuming_queue  # type: ignore[method-assign]
         async with service:
@@ -545,11 +552,15 @@ class Topology:
         self._exchanges = [self.exchange]
         if kind == "worker":
             from worker.broker import RETRY_TIERS_S, retry_queue_name
+            from worker.lanes import Lane
             from worker.settings import AmqpSettings
 
             self.amqp = AmqpSettings(**amqp)
             self._queues += [self.amqp.dead_letter_queue]
-            self._queues += [retry_queue_name(self.amqp, t) for t in RETRY_TIERS_S]
+            self._queues += [self.amqp.queue(lane) for lane in (Lane.high, Lane.bulk)]
+            self._queues += [
+                retry_queue_name(self.amqp, t, lane) for t in RETRY_TIERS_S for lane in Lane
+            ]
             self._exchanges += [self.amqp.dead_letter_exchange]
 
     async def declare(self, channel: AbstractChannel) -> None:

@@ -22,6 +22,7 @@ from worker.broker import RETRY_TIERS_S, retry_queue_name
 from worker.contract import ResultEvent, Status
 from worker.emulator.config import EmulatorConfig
 from worker.emulator.server import Emulator
+from worker.lanes import Lane
 from worker.service import Service
 from worker.settings import (
     AmqpSettings,
@@ -73,8 +74,8 @@ async def delete_topology(amqp: AmqpSettings) -> None:
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
-        queues = [amqp.requests_queue, amqp.dead_letter_queue]
-        queues += [retry_queue_name(amqp, t) for t in RETRY_TIERS_S]
+        queues = [amqp.dead_letter_queue, *(amqp.queue(lane) for lane in Lane)]
+        queues += [retry_queue_name(amqp, t, lane) for t in RETRY_TIERS_S for lane in Lane]
         for name in queues:
             await channel.queue_delete(name)
         for name in (amqp.results_exchange, amqp.dead_letter_exchange):
@@ -150,11 +151,13 @@ class Broker:
         self.amqp = amqp
         self.channel = channel
 
-    async def publish(self, body: dict[str, Any] | bytes, **properties: Any) -> None:
+    async def publish(
+        self, body: dict[str, Any] | bytes, lane: Lane = Lane.normal, **properties: Any
+    ) -> None:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         await self.channel.default_exchange.publish(
             aio_pika.Message(raw, content_type="application/json", **properties),
-            routing_key=self.amqp.requests_queue,
+            routing_key=self.amqp.queue(lane),
         )
 
     async def dead_letters(

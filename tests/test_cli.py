@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
+import re
 import signal
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import collecting, free_port, phone
 from worker.contract import Status
@@ -217,3 +220,85 @@ async def test_send_wait_against_run_with_emulator_prints_accepted(amqp: AmqpSet
     assert code == 0, err
     statuses = [line.split("\t")[0] for line in out.splitlines()]
     assert statuses == ["submitted", "accepted"]
+
+
+async def startup_log(env: dict[str, str], *, terminal: bool) -> list[str]:
+    """What `smsc-worker run --emulator` writes to stderr up to its "consuming" line, with
+    stderr a pseudo-terminal (as in a shell) or a pipe (as under a container runtime)."""
+    if not terminal:
+        async with worker_process(env, "--emulator"):
+            return list(WORKER_LOGS[-1])
+    controller, terminal_end = pty.openpty()
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "run", "--emulator", env=env, cwd=ROOT, stderr=terminal_end
+    )
+    os.close(terminal_end)
+    chunks: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            chunks.put_nowait(os.read(controller, 65536))
+        except OSError:  # EIO: the worker closed its end
+            chunks.put_nowait(b"")
+
+    os.set_blocking(controller, False)
+    loop = asyncio.get_running_loop()
+    loop.add_reader(controller, readable)
+    text = ""
+    try:
+        async with asyncio.timeout(30):
+            while "consuming" not in text:
+                chunk = await chunks.get()
+                assert chunk, f"worker exited early:\n{text}"
+                text += chunk.decode()
+    finally:
+        loop.remove_reader(controller)
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 60)
+        os.close(controller)
+    # The terminal turns each "\n" into "\r\n".
+    return text.splitlines()
+
+
+def json_lines(lines: list[str]) -> list[dict[str, Any]]:
+    parsed = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            parsed.append(entry)
+    return parsed
+
+
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR|DEBUG) +\S+: ")
+
+
+async def test_logs_are_text_on_a_terminal_by_default(amqp: AmqpSettings) -> None:
+    env = cli_env(amqp)
+    del env["SMSC_OBSERVABILITY__LOG_FORMAT"]
+    lines = await startup_log(env, terminal=True)
+    (consuming,) = [line for line in lines if "consuming" in line]
+    assert TEXT_LINE.match(consuming), consuming
+    assert "INFO    worker.service: consuming " + amqp.requests_queue in consuming
+    assert json_lines(lines) == []
+
+
+async def test_logs_are_json_lines_through_a_pipe_by_default(amqp: AmqpSettings) -> None:
+    env = cli_env(amqp)
+    del env["SMSC_OBSERVABILITY__LOG_FORMAT"]
+    lines = [line for line in await startup_log(env, terminal=False) if line.strip()]
+    entries = json_lines(lines)
+    assert len(entries) == len(lines), lines
+    (consuming,) = [e for e in entries if e["message"].startswith("consuming")]
+    assert consuming["level"] == "INFO"
+    assert consuming["logger"] == "worker.service"
+    assert amqp.requests_queue in consuming["message"]
+
+
+async def test_an_explicit_log_format_holds_on_a_terminal(amqp: AmqpSettings) -> None:
+    env = cli_env(amqp, SMSC_OBSERVABILITY__LOG_FORMAT="json")
+    lines = [line for line in await startup_log(env, terminal=True) if line.strip()]
+    assert len(json_lines(lines)) == len(lines), lines

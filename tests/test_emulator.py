@@ -21,6 +21,7 @@ from tests.support.smtp import (
     send_mail,
 )
 from worker.emulator import Emulator, EmulatorConfig
+from worker.emulator.rules import ACCEPTED_RU, RUSSIAN_DESCRIPTIONS
 from worker.protocol.mail import (
     MAX_MAIL_BYTES,
     Account,
@@ -32,7 +33,7 @@ from worker.protocol.mail import (
 from worker.protocol.mail import (
     Envelope as MailEnvelope,
 )
-from worker.protocol.replies import Accepted, Rejected, parse_reply
+from worker.protocol.replies import Accepted, GatewayError, Rejected, parse_reply, read_reply
 from worker.smtp_server import serve_smtp
 
 PHONE = "79991234567"
@@ -226,22 +227,79 @@ async def test_frequent_errors_block_the_ip_with_error_4() -> None:
     assert emu.delivered(PHONE, "fine") == 1
 
 
-async def test_third_identical_request_in_a_minute_is_error_9_even_with_a_new_id() -> None:
+async def test_list_lines_may_separate_phones_and_message_with_a_semicolon() -> None:
+    body = (
+        f"demo:demo:7::,0,,1::{PHONE};Время: 10:00; зал 2\n"
+        f"{OTHER}:colon as the worker writes it\n"
+        f"{PHONE};{OTHER};to both"
+    )
+    async with emulator_with_sink() as (emu, sink):
+        await send_mail(emu, raw_mail(body, mail_from=CLIENT))
+        (reply,) = await sink.wait_for(1)
+    assert reply.text == "OK - 4 SMS, ID - 7"
+    assert emu.delivery_counts() == {
+        (f"+{PHONE}", "Время: 10:00; зал 2"): 1,
+        (f"+{OTHER}", "colon as the worker writes it"): 1,
+        (f"+{PHONE}", "to both"): 1,
+        (f"+{OTHER}", "to both"): 1,
+    }
+
+
+@pytest.mark.parametrize("charset", ["cp1251", "koi8-r"])
+async def test_replies_in_russian_declare_no_charset_when_asked(charset: str) -> None:
+    async with emulator_with_sink(reply_charset=charset, denied_words={"casino"}) as (emu, sink):
+        await send_mail(emu, single("hello", mail_id="1"))
+        await send_mail(emu, single("best casino", mail_id="2"))
+        ok, denied = await sink.wait_for(2)
+    for reply in (ok, denied):
+        assert reply.message["Content-Type"] == "text/plain"
+        assert reply.message.get_content_charset() is None
+    expected_ok = f"OK - 1 SMS, ID - 1\n{ACCEPTED_RU}".encode(charset)
+    expected_denied = (
+        f"ERROR = 6 ({RUSSIAN_DESCRIPTIONS[GatewayError.message_denied]}), ID - 2".encode(charset)
+    )
+    assert ok.message.get_payload(decode=True).rstrip(b"\r\n") == expected_ok.replace(
+        b"\n", b"\r\n"
+    )
+    assert denied.message.get_payload(decode=True).rstrip(b"\r\n") == expected_denied
+    assert read_reply(ok.content) == Accepted(sms_count=1, mail_id="1")
+    assert read_reply(denied.content) == Rejected(
+        error=GatewayError.message_denied,
+        description=RUSSIAN_DESCRIPTIONS[GatewayError.message_denied],
+        mail_id="2",
+    )
+
+
+async def test_second_identical_request_in_a_minute_is_error_9_even_with_a_new_id() -> None:
     clock = ManualClock()
     async with emulator_with_sink(clock=clock) as (emu, sink):
-        for n in range(3):
+        for n in range(2):
             await send_mail(emu, single("same text", mail_id=str(n + 1)))
             clock.advance(1)
         clock.advance(60)
-        await send_mail(emu, single("same text", mail_id="4"))
-        replies = await sink.wait_for(4)
+        await send_mail(emu, single("same text", mail_id="3"))
+        replies = await sink.wait_for(3)
+    assert [r.text for r in replies] == [
+        "OK - 1 SMS, ID - 1",
+        "ERROR = 9 (duplicate request)",
+        "OK - 1 SMS, ID - 3",
+    ]
+    assert emu.delivered(PHONE, "same text") == 2
+
+
+async def test_identical_copies_per_window_can_be_raised_to_the_seeds_two() -> None:
+    clock = ManualClock()
+    async with emulator_with_sink(clock=clock, identical_copies=2) as (emu, sink):
+        for n in range(3):
+            await send_mail(emu, single("same text", mail_id=str(n + 1)))
+            clock.advance(1)
+        replies = await sink.wait_for(3)
     assert [r.text for r in replies] == [
         "OK - 1 SMS, ID - 1",
         "OK - 1 SMS, ID - 2",
         "ERROR = 9 (duplicate request)",
-        "OK - 1 SMS, ID - 4",
     ]
-    assert emu.delivered(PHONE, "same text") == 3
+    assert emu.delivered(PHONE, "same text") == 2
 
 
 async def test_flood_rule_holds_back_the_51st_message_and_delivers_the_rest() -> None:

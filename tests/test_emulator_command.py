@@ -29,6 +29,7 @@ OPTIONS = [
     "--undeliverable",
     "--relay",
     "--reply-from",
+    "--reply-charset",
     "--latency",
     "--record",
     "--duplicate-window",
@@ -122,6 +123,7 @@ async def _submit(host: str, port: int, content: bytes) -> None:
         (["--account", "no-colon"], "LOGIN:PASSWORD"),
         (["--relay", "nowhere"], "host:port"),
         (["--reply-from", "not an address"], "reply_from"),
+        (["--reply-charset", "latin-1"], "reply_charset"),
     ],
 )
 async def test_bad_options_exit_2_saying_why(args: list[str], complaint: str) -> None:

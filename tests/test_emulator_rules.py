@@ -253,32 +253,42 @@ def test_undeliverable_numbers_are_8_however_written() -> None:
     assert render_reply(verdict.reply) == "ERROR = 8 (message cannot be delivered), ID - 31"
 
 
-def test_third_identical_request_within_the_window_is_9_whatever_its_id() -> None:
+def test_second_identical_request_within_the_window_is_9_whatever_its_id() -> None:
     gateway, clock = make(duplicate_window_s=60)
     assert sms_count(judge(gateway, f"demo:demo:1::,,,1:{PHONE}:same")) == 1
     clock.advance(10)
-    assert sms_count(judge(gateway, f"demo:demo:2::,,,1:+{PHONE}:same")) == 1
-    clock.advance(10)
-    third = judge(gateway, f"demo:demo:3::,,,1:{PHONE}:same")
-    assert error_of(third) == 9
-    assert render_reply(third.reply) == "ERROR = 9 (duplicate request)"
+    second = judge(gateway, f"demo:demo:2::,,,1:+{PHONE}:same")
+    assert error_of(second) == 9
+    assert render_reply(second.reply) == "ERROR = 9 (duplicate request)"
     # Anything that differs is another request.
     assert sms_count(judge(gateway, f"demo:demo:4::,,,1:{PHONE}:other")) == 1
     assert sms_count(judge(gateway, f"demo:demo:5::,,Shop,1:{PHONE}:same")) == 1
     assert sms_count(judge(gateway, f"demo:demo:6:+5:,,,1:{PHONE}:same")) == 1
     assert sms_count(judge(gateway, f"demo:demo:7::,1,,1:{PHONE}:same")) == 1
     assert sms_count(judge(gateway, f"demo:demo:8::,,,1:{PHONE},{OTHER}:same")) == 2
-    # The first copy leaves the window 60 s after it came.
+    # The copy leaves the window 60 s after it came.
+    clock.advance(49)
+    assert error_of(judge(gateway, f"demo:demo:9::,,,1:{PHONE}:same")) == 9
+    clock.advance(1)
+    assert sms_count(judge(gateway, f"demo:demo:10::,,,1:{PHONE}:same")) == 1
+
+
+def test_two_copies_per_window_when_configured() -> None:
+    gateway, clock = make(duplicate_window_s=60, identical_copies=2)
+    assert sms_count(judge(gateway, f"demo:demo:1::,,,1:{PHONE}:same")) == 1
+    clock.advance(10)
+    assert sms_count(judge(gateway, f"demo:demo:2::,,,1:{PHONE}:same")) == 1
+    clock.advance(10)
+    assert error_of(judge(gateway, f"demo:demo:3::,,,1:{PHONE}:same")) == 9
     clock.advance(40)
-    assert sms_count(judge(gateway, f"demo:demo:9::,,,1:{PHONE}:same")) == 1
-    assert error_of(judge(gateway, f"demo:demo:10::,,,1:{PHONE}:same")) == 9
+    assert sms_count(judge(gateway, f"demo:demo:4::,,,1:{PHONE}:same")) == 1
 
 
 def test_copies_inside_one_mail_count_and_rejected_mails_do_not() -> None:
     gateway, _ = make()
     line = f"{PHONE}:same"
-    assert error_of(judge(gateway, f"demo:demo:1::,,,1::{line}\n{line}\n{line}")) == 9
-    assert sms_count(judge(gateway, f"demo:demo:2::,,,1::{line}\n{line}")) == 2
+    assert error_of(judge(gateway, f"demo:demo:1::,,,1::{line}\n{line}")) == 9
+    assert sms_count(judge(gateway, f"demo:demo:2::,,,1::{line}")) == 1
     assert error_of(judge(gateway, f"demo:demo:3::,,,1:{line}")) == 9
 
 

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version  # type: ignore[import-untyped]
 
+from tests.support.promtool import check_rules
 from worker.settings import Settings
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -81,6 +82,23 @@ serviceMonitor:
   enabled: true
   labels:
     release: prometheus
+""",
+    "monitoring": CREDENTIALS
+    + """
+grafanaDashboard:
+  enabled: true
+  label: sms_dashboard
+  labelValue: "yes"
+  annotations:
+    grafana_folder: SMS
+  namespace: monitoring
+prometheusRule:
+  enabled: true
+  labels:
+    release: prometheus
+  alertLabels:
+    team: messaging
+  rabbitmqSelector: namespace="rabbitmq"
 """,
     # Every other optional branch of the templates at once.
     "options": """
@@ -169,11 +187,16 @@ TRIGGER_AUTHENTICATION_SPEC = {
     "secretTargetRef", "env", "configMapTargetRef", "hashiCorpVault", "podIdentity",
     "azureKeyVault", "gcpSecretManager", "awsSecretManager", "boundServiceAccountToken",
 }  # fmt: skip
+PROMETHEUS_RULE_FIELDS = {"alert", "record", "expr", "for", "labels", "annotations"}
 SERVICE_MONITOR_SPEC = {
     "endpoints", "selector", "namespaceSelector", "jobLabel", "targetLabels", "podTargetLabels",
     "sampleLimit", "targetLimit", "labelLimit", "labelNameLengthLimit",
     "labelValueLengthLimit", "keepDroppedTargets", "attachMetadata", "scrapeProtocols",
 }  # fmt: skip
+
+
+DASHBOARD = f"{FULLNAME}-dashboard"
+DASHBOARD_FILE = CHART / "dashboards" / "smsc-worker.json"
 
 
 def values_file(text: str) -> dict[str, Any]:
@@ -228,11 +251,11 @@ def check_custom_resource(doc: dict[str, Any], docs: list[dict[str, Any]]) -> No
             "kind": "Deployment",
             "name": one(docs, "Deployment")["metadata"]["name"],
         }
-        (trigger,) = spec["triggers"]
-        assert trigger["type"] == "rabbitmq"
-        assert trigger["metadata"]["mode"] == "QueueLength"
-        assert all(isinstance(v, str) for v in trigger["metadata"].values())
-        one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        for trigger in spec["triggers"]:
+            assert trigger["type"] == "rabbitmq"
+            assert trigger["metadata"]["mode"] == "QueueLength"
+            assert all(isinstance(v, str) for v in trigger["metadata"].values())
+            one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
     elif doc["kind"] == "TriggerAuthentication":
         assert doc["apiVersion"] == "keda.sh/v1alpha1"
         assert set(spec) <= TRIGGER_AUTHENTICATION_SPEC
@@ -253,6 +276,13 @@ def check_custom_resource(doc: dict[str, Any], docs: list[dict[str, Any]]) -> No
         (endpoint,) = spec["endpoints"]
         assert endpoint["port"] in {p["name"] for p in selected[0]["spec"]["ports"]}
         assert endpoint["path"] == "/metrics"
+    elif doc["kind"] == "PrometheusRule":
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(spec) == {"groups"}
+        for group in spec["groups"]:
+            assert set(group) == {"name", "rules"}
+            assert all(set(rule) <= PROMETHEUS_RULE_FIELDS for rule in group["rules"])
+        check_rules(spec["groups"])
     else:
         pytest.fail(f"no check for {doc['apiVersion']} {doc['kind']}")
 
@@ -297,15 +327,17 @@ def test_manifests_match_kubernetes_schemas(
         ("existing-secret", {"ScaledObject", "TriggerAuthentication"}),
         ("service-monitor", {"ServiceMonitor"}),
         ("options", {"NetworkPolicy"}),
+        ("monitoring", {"PrometheusRule", "dashboard"}),
     ],
 )
 def test_optional_resources_follow_their_switches(
     chart: helm.Chart, value_set: str, expected: set[str]
 ) -> None:
     optional = {"ScaledObject", "TriggerAuthentication", "HorizontalPodAutoscaler"}
-    optional |= {"ServiceMonitor", "NetworkPolicy"}
+    optional |= {"ServiceMonitor", "NetworkPolicy", "PrometheusRule"}
     docs = render(chart, VALUE_SETS[value_set])
-    assert kinds(docs) & optional == expected
+    dashboards = {"dashboard"} if [d for d in docs if d["metadata"]["name"] == DASHBOARD] else set()
+    assert (kinds(docs) & optional) | dashboards == expected
     assert {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget"} <= kinds(docs)
 
 
@@ -541,16 +573,18 @@ def test_autoscaler_owns_the_replica_count(chart: helm.Chart, value_set: str, fi
     assert ("replicas" in one(docs, "Deployment")["spec"]) is fixed
 
 
-def test_keda_scales_on_the_requests_queue(chart: helm.Chart) -> None:
+def test_keda_scales_on_every_lanes_queue(chart: helm.Chart) -> None:
     default = render(chart, VALUE_SETS["existing-secret"])
-    ((trigger,),) = [d["spec"]["triggers"] for d in default if d["kind"] == "ScaledObject"]
-    assert (
-        trigger["metadata"]["queueName"]
-        == one(default, "ConfigMap")["data"]["SMSC_AMQP__REQUESTS_QUEUE"]
-    )
+    (triggers,) = [d["spec"]["triggers"] for d in default if d["kind"] == "ScaledObject"]
+    queue = one(default, "ConfigMap")["data"]["SMSC_AMQP__REQUESTS_QUEUE"]
+    assert [t["metadata"]["queueName"] for t in triggers] == [
+        queue,
+        f"{queue}.high",
+        f"{queue}.bulk",
+    ]
     overridden = render(chart, VALUE_SETS["keda"])
-    ((trigger,),) = [d["spec"]["triggers"] for d in overridden if d["kind"] == "ScaledObject"]
-    assert trigger["metadata"]["queueName"] == "sms.priority"
+    (triggers,) = [d["spec"]["triggers"] for d in overridden if d["kind"] == "ScaledObject"]
+    assert triggers[0]["metadata"]["queueName"] == "sms.priority"
 
 
 def loaded(docs: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
@@ -762,3 +796,45 @@ def test_the_network_policy_opens_the_reply_port_to_the_sources_only(chart: helm
     assert by_port["metrics"]["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
     ports = {p["name"] for p in container(docs)["ports"]}
     assert set(by_port) <= ports
+
+
+@pytest.mark.parametrize(
+    ("values", "label", "namespace"),
+    [
+        (
+            CREDENTIALS + "grafanaDashboard:\n  enabled: true\n",
+            ("grafana_dashboard", "1"),
+            NAMESPACE,
+        ),
+        (VALUE_SETS["monitoring"], ("sms_dashboard", "yes"), "monitoring"),
+    ],
+)
+def test_the_dashboard_ships_as_a_config_map_for_the_grafana_sidecar(
+    chart: helm.Chart, values: str, label: tuple[str, str], namespace: str
+) -> None:
+    config_map = one(render(chart, values), "ConfigMap", DASHBOARD)
+    name, value = label
+    assert config_map["metadata"]["labels"][name] == value
+    assert config_map["metadata"]["namespace"] == namespace
+    (key,) = config_map["data"]
+    assert key.endswith(".json")
+    assert json.loads(config_map["data"][key]) == json.loads(DASHBOARD_FILE.read_text())
+
+
+def test_the_alerts_select_this_releases_series(chart: helm.Chart) -> None:
+    """By default the rules read the job and namespace this chart's ServiceMonitor gives
+    the worker's series; RabbitMQ's series are matched on the queue names from settings."""
+    values = CREDENTIALS
+    values += "settings:\n  amqp:\n    requests_queue: sms.eu\n    dead_letter_queue: sms.eu.dead\n"
+    values += "prometheusRule:\n  enabled: true\n"
+    (group,) = one(render(chart, values), "PrometheusRule")["spec"]["groups"]
+    worker = f'job="{FULLNAME}-metrics", namespace="{NAMESPACE}"'
+    for rule in group["rules"]:
+        for selector in re.findall(r"smsc_\w+\{([^}]*)\}", rule["expr"]):
+            assert selector.startswith(worker), rule["alert"]
+        for selector in re.findall(r"rabbitmq_\w+\{([^}]*)\}", rule["expr"]):
+            assert selector in {r"queue=~`sms\.eu(\.high|\.bulk)?`", 'queue="sms.eu.dead"'}
+    custom = values + '  selector: cluster="eu", app="sms"\n'
+    (group,) = one(render(chart, custom), "PrometheusRule")["spec"]["groups"]
+    assert all(worker not in rule["expr"] for rule in group["rules"])
+    assert all('cluster="eu", app="sms"' in rule["expr"] for rule in group["rules"])

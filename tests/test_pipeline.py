@@ -7,9 +7,14 @@ import subprocess
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from tests.conftest import collecting, gateway_and_worker, phone
 from worker.contract import Status
 from worker.delivery import ERROR_CODE_HEADER
+from worker.emulator.rules import RUSSIAN_DESCRIPTIONS
+from worker.lanes import Lane
+from worker.protocol.replies import GatewayError
 from worker.settings import AmqpSettings, BatchSettings, GatewaySettings, LimitSettings
 
 
@@ -137,7 +142,7 @@ async def test_results_also_go_to_reply_to_with_correlation_id(amqp: AmqpSetting
     assert all(e.metadata == {"order": 42} for e in results.of("rpc"))
 
 
-async def test_the_work_queue_is_a_quorum_queue_with_a_delivery_limit_and_dead_lettering(
+async def test_the_work_queues_are_quorum_queues_with_a_delivery_limit_and_dead_lettering(
     amqp: AmqpSettings,
 ) -> None:
     async with gateway_and_worker(amqp):
@@ -148,11 +153,13 @@ async def test_the_work_queue_is_a_quorum_queue_with_a_delivery_limit_and_dead_l
             text=True,
             check=True,
         )
-    (line,) = [row for row in listing.stdout.splitlines() if row.startswith(amqp.requests_queue)]
-    assert "\tquorum\t" in line
-    assert "x-delivery-limit" in line
-    assert amqp.dead_letter_exchange in line
-    assert "at-least-once" in line
+    rows = {row.split("\t")[0]: row for row in listing.stdout.splitlines()}
+    for lane in Lane:
+        line = rows[amqp.queue(lane)]
+        assert "\tquorum\t" in line
+        assert "x-delivery-limit" in line
+        assert amqp.dead_letter_exchange in line
+        assert "at-least-once" in line
 
 
 async def test_the_account_pace_spreads_emails_out(amqp: AmqpSettings) -> None:
@@ -208,3 +215,35 @@ async def test_the_international_reading_wins_when_national_first_is_off(
     assert emulator.delivered("+84951234567", "xin chao") == 1
     assert emulator.delivered("+74951234567", "xin chao") == 0
     assert [d.phone for d in emulator.deliveries] == ["+84951234567"]
+
+
+@pytest.mark.parametrize("charset", ["cp1251", "koi8-r"])
+async def test_russian_replies_with_no_charset_declared_are_read(
+    amqp: AmqpSettings, charset: str
+) -> None:
+    gateway = {"reply_charset": charset, "denied_words": frozenset({"casino"})}
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, gateway) as (emulator, service),
+    ):
+        await broker.publish({"request_id": "fine", "to": phone(1), "text": "hello"})
+        # A sender of its own keeps the denied text in an e-mail of its own.
+        await broker.publish(
+            {"request_id": "denied", "to": phone(2), "text": "best casino", "sender": "Other"}
+        )
+        await results.wait_until(
+            lambda: (
+                Status.accepted in results.statuses("fine")
+                and Status.failed in results.statuses("denied")
+            )
+        )
+        unreadable = service.telemetry.metrics.registry.get_sample_value(
+            "smsc_replies_unreadable_total"
+        )
+    assert unreadable == 0
+    assert [r.reply_text is not None for r in emulator.mails] == [True, True]
+    (failed,) = [e for e in results.of("denied") if e.status == Status.failed]
+    assert failed.error is not None and failed.error.gateway_error == 6
+    # The description, in a charset no header named, still reads as the gateway wrote it.
+    assert RUSSIAN_DESCRIPTIONS[GatewayError.message_denied] in failed.error.message
+    assert emulator.delivered(phone(1), "hello") == 1

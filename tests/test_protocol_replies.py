@@ -68,12 +68,12 @@ def test_an_error_description_with_parentheses_keeps_its_id() -> None:
 @pytest.mark.parametrize(
     ("number", "action", "retryable"),
     [
-        (1, Action.fail, False),
+        (1, Action.find_bad_line, False),
         (2, Action.stop_account, False),
         (3, Action.pause_account, True),
         (4, Action.back_off, True),
         (5, Action.fail, False),
-        (6, Action.fail, False),
+        (6, Action.find_bad_line, False),
         (7, Action.find_bad_line, False),
         (8, Action.find_bad_line, False),
         (9, Action.retry_after_window, True),

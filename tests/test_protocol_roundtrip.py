@@ -3,11 +3,13 @@ text tags; and no text, however hostile, changes the recipients or the number of
 
 from __future__ import annotations
 
+import email
+import email.policy
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
@@ -17,8 +19,11 @@ from worker.protocol.decode import (
     DecodedBody,
     DecodedLine,
     MalformedMail,
+    body_text,
     decode_body,
     decode_mail,
+    first_item,
+    recipient_shaped,
     split_phones,
 )
 from worker.protocol.fields import (
@@ -423,6 +428,77 @@ def test_no_other_field_can_add_a_field_a_line_or_a_recipient(
         (("79991234567",), "one"),
         (("G1",), "two"),
     ]
+
+
+def semicolon_separated(body: str, case: Case) -> str:
+    """`body` with `;` instead of `:` between the phones and the message of each list line,
+    the other way the seed allows."""
+    rows = body.split("\r\n")
+    for n, line in enumerate(case.lines):
+        rendered = line.render()
+        phones = ",".join(line.phones)
+        assert rendered.startswith(phones + ":")
+        # The first list line follows the six colon-separated fields of the first line.
+        lead = ":".join(rows[0].split(":", 6)[:6]) + ":" if n == 0 else ""
+        assert rows[n] == lead + rendered
+        rows[n] = lead + phones + ";" + rendered[len(phones) + 1 :]
+    return "\r\n".join(rows)
+
+
+@ROUND_TRIP
+@given(cases("any").filter(lambda case: not case.single))
+@example(
+    Case(
+        Envelope(mail_from="w@example.com"),
+        Account("l", SecretStr("p")),
+        "1",
+        MailOptions(),
+        (ListLine(("79991234567",), "Time: 10:00; ok"), ListLine(("G12", "+447911123456"), "")),
+        single=False,
+    )
+)
+def test_list_lines_read_the_same_with_semicolons(case: Case) -> None:
+    # Where a message begins with something that reads as one more recipient, the `;` form is
+    # ambiguous, and the phones win (test_an_ambiguous_semicolon_line_reads_as_phones).
+    assume(not any(recipient_shaped(first_item(line.text)) for line in case.lines))
+    message = email.message_from_bytes(encode(case), policy=email.policy.compat32)
+    body, _ = body_text(message)
+    rewritten = decode_body(semicolon_separated(body, case))
+    assert rewritten == expected_body(case)
+    assert rewritten == decode_body(body)
+
+
+@pytest.mark.parametrize(
+    ("line", "phones", "text"),
+    [
+        ("79161234567;Time: 10:00", ("79161234567",), "Time: 10:00"),
+        ("79161234567;hello; world", ("79161234567",), "hello; world"),
+        ("79161234567,79161234568;Привет", ("79161234567", "79161234568"), "Привет"),
+        ("79161234567;79161234568:hi", ("79161234567", "79161234568"), "hi"),
+        ("G1;#id;a@b.c:x", ("G1", "#id", "a@b.c"), "x"),
+        ("+7 (916) 123-45-67;a:b;c", ("+7 (916) 123-45-67",), "a:b;c"),
+        ("79161234567;", ("79161234567",), ""),  # an HLR or ping line
+        ("79161234567;;x", ("79161234567",), ";x"),
+        ("79161234567;:x", ("79161234567",), ":x"),
+        ("79161234567;12345", ("79161234567",), "12345"),
+        ("79161234567:a;b:c", ("79161234567",), "a;b:c"),
+    ],
+)
+def test_a_list_line_takes_either_separator(line: str, phones: tuple[str, ...], text: str) -> None:
+    body = decode_body(f"l:p:1::,0,,1::79990000000:first\r\n{line}")
+    assert body.lines[1] == DecodedLine(phones, text)
+    first = decode_body(f"l:p:1::,0,,1::{line}")
+    assert first.lines == (DecodedLine(phones, text),)
+
+
+def test_an_ambiguous_semicolon_line_reads_as_phones() -> None:
+    # "79161234568:hi" could be the message of one recipient, or a second recipient and
+    # "hi": the phones win, so a misreading draws error 7 rather than a changed text.
+    body = decode_body("l:p:1::,0,,1::79161234567;79161234568:hi\r\n7916;12;34")
+    assert body.lines == (
+        DecodedLine(("79161234567", "79161234568"), "hi"),
+        DecodedLine(("7916", "12"), "34"),
+    )
 
 
 # --- decode_body / decode_mail on their own -------------------------------------------------

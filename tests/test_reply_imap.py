@@ -444,6 +444,55 @@ async def test_a_bounce_and_a_forged_reply_go_to_the_not_a_reply_folder_and_chan
         await mailbox.wait_for({"INBOX": 0, NOT_REPLIES: 3, PROCESSED: 1})
 
 
+async def test_the_address_decides_over_the_body_as_with_the_listener(
+    amqp: AmqpSettings, mailbox: Mailbox
+) -> None:
+    """A body naming another e-mail still waiting is refused; one naming no known e-mail is
+    ignored and the reply applies to its address's e-mail."""
+    async with AsyncExitStack() as stack:
+        emulator = await stack.enter_async_context(Emulator(EmulatorConfig()))
+        broker, results = await stack.enter_async_context(collecting(amqp))
+        service = await stack.enter_async_context(
+            Service(imap_settings(amqp, emulator.port, mailbox.reply_settings()))
+        )
+        await ready(service)
+        mail_ids = []
+        for n, request_id in enumerate(("first", "second"), 1):
+            await broker.publish({"request_id": request_id, "to": phone(n), "text": "hi"})
+            await results.wait_until(lambda r=request_id: Status.submitted in results.statuses(r))
+            mail_ids.append(results.of(request_id)[0].gateway_id)
+        first, second = mail_ids
+        assert first is not None and second is not None and first != second
+        address = service.reply_from(first)
+        metrics = service.telemetry.metrics
+
+        await mailbox.deliver(gateway_reply(address, f"ERROR = 6 (denied), ID - {second}"), address)
+        await mailbox.wait_for({"INBOX": 0, NOT_REPLIES: 1, PROCESSED: 0})
+        assert metrics.imap_not_replies.labels("mail_id_mismatch")._value.get() == 1
+        assert metrics.replies_refused.labels("mail_id_mismatch")._value.get() == 1
+        assert results.statuses("first") == [Status.submitted]
+        assert results.statuses("second") == [Status.submitted]
+
+        await mailbox.deliver(gateway_reply(address, f"OK - 1 SMS, ID - {first[:20]}"), address)
+        await results.wait_until(lambda: Status.accepted in results.statuses("first"))
+        await mailbox.wait_for({"INBOX": 0, NOT_REPLIES: 1, PROCESSED: 1})
+        assert metrics.reply_body_id_ignored._value.get() == 1
+        assert results.statuses("second") == [Status.submitted]
+
+        # The second e-mail's own reply still counts (and the worker stops at once).
+        address = service.reply_from(second)
+        await mailbox.deliver(gateway_reply(address, f"OK - 1 SMS, ID - {second}"), address)
+        await results.wait_until(lambda: Status.accepted in results.statuses("second"))
+    assert final_events(results, ["first", "second"]) == {
+        ("first", Status.accepted): 1,
+        ("second", Status.accepted): 1,
+    }
+    assert {e.request_id: e.gateway_id for e in results.with_status(Status.accepted)} == {
+        "first": first,
+        "second": second,
+    }
+
+
 # 6. the IMAP server going away -------------------------------------------------------------
 
 

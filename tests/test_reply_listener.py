@@ -15,12 +15,13 @@ from typing import Any
 import aiosmtplib
 import pytest
 import trustme
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
-from tests.conftest import gateway_and_worker
+from tests.conftest import free_port, gateway_and_worker
+from worker.ledger.redis import RedisStateStore
 from worker.protocol.replies import Rejected, Reply
-from worker.reply_receiver import ReplyAddresses, ReplyHandler
-from worker.settings import AmqpSettings, ReplySettings
+from worker.reply_receiver import KnownMail, ReplyAddresses, ReplyHandler
+from worker.settings import AmqpSettings, ReplySettings, Settings, StateSettings
 from worker.smtp_server import ListenerLimits, bound_port, serve_smtp, server_tls_context
 
 BASE = "replies@worker.test"
@@ -48,20 +49,28 @@ def reply_mail(body: str, mail_id: str = "m1") -> bytes:
 
 
 class Replies:
-    def __init__(self) -> None:
+    """The replies taken, for the e-mails in `waiting` (all that are known)."""
+
+    def __init__(self, waiting: tuple[str, ...] = ("m1",)) -> None:
         self.got: list[tuple[str, Reply]] = []
+        self.waiting = set(waiting)
 
     async def __call__(self, mail_id: str, reply: Reply) -> None:
         self.got.append((mail_id, reply))
 
+    async def known(self, mail_id: str) -> bool:
+        return mail_id in self.waiting
+
 
 @asynccontextmanager
 async def listener(
-    replies: Replies, limits: ListenerLimits = LIMITS, **kwargs: Any
+    replies: Replies,
+    limits: ListenerLimits = LIMITS,
+    known: KnownMail | None = None,
+    **kwargs: Any,
 ) -> AsyncIterator[int]:
-    server = await serve_smtp(
-        ReplyHandler(ADDRESSES, replies), "127.0.0.1", 0, limits=limits, **kwargs
-    )
+    handler = ReplyHandler(ADDRESSES, replies, known or replies.known)
+    server = await serve_smtp(handler, "127.0.0.1", 0, limits=limits, **kwargs)
     try:
         yield bound_port(server)
     finally:
@@ -122,6 +131,50 @@ async def test_a_reply_quoting_a_full_email_is_taken() -> None:
             start_tls=False,
         )
     assert [(m, r.error) for m, r in replies.got if isinstance(r, Rejected)] == [("m1", 8)]
+
+
+async def deliver(port: int, body: str, mail_id: str = "m1") -> None:
+    await aiosmtplib.send(
+        reply_mail(body, mail_id),
+        hostname="127.0.0.1",
+        port=port,
+        sender="send@send.smscentre.com",
+        recipients=[ADDRESSES.address(mail_id)],
+        start_tls=False,
+    )
+
+
+async def test_the_address_decides_over_a_body_id_that_names_no_known_e_mail() -> None:
+    replies = Replies(waiting=("m1", "m2"))
+    async with listener(replies) as port:
+        # Mangled on the way (cut short, another case, a suffix): no e-mail has that ID.
+        for named in ("m", "M1", "m1-x"):
+            await deliver(port, f"ERROR = 8 (message cannot be delivered), ID - {named}")
+        # Another e-mail still waiting: the token of m1 does not answer for it.
+        with pytest.raises(aiosmtplib.SMTPDataError) as caught:
+            await deliver(port, "OK - 1 SMS, ID - m2")
+        assert caught.value.code == 550
+    assert [(m, r.mail_id) for m, r in replies.got] == [("m1", "m1")] * 3
+
+
+async def test_a_body_id_that_cannot_be_looked_up_is_asked_again(amqp: AmqpSettings) -> None:
+    # A real Redis store whose server is gone: the lookup fails as it would in production.
+    down = Settings(
+        amqp=amqp,
+        state=StateSettings(url=SecretStr(f"redis://127.0.0.1:{free_port()}"), timeout_s=0.5),
+    )
+    store = RedisStateStore(down)
+    replies = Replies()
+    try:
+        async with listener(replies, known=store.knows_mail) as port:
+            with pytest.raises(aiosmtplib.SMTPDataError) as caught:
+                await deliver(port, "OK - 1 SMS, ID - m2")
+            assert caught.value.code == 451
+            # A body that agrees with its address needs no lookup.
+            await deliver(port, "OK - 1 SMS, ID - m1")
+    finally:
+        await store.close()
+    assert [m for m, _ in replies.got] == ["m1"]
 
 
 async def test_an_oversized_message_is_refused_before_its_body_is_read() -> None:

@@ -149,7 +149,10 @@ async def test_an_unreadable_reply_whose_copy_cannot_be_kept_is_asked_again() ->
     async def keep(copy: UnreadableCopy) -> None:
         raise ConnectionError("broker gone")
 
-    handler = ReplyHandler(addresses, sink, keep_unreadable=keep)
+    async def known(mail_id: str) -> bool:
+        raise AssertionError("an unreadable reply names no e-mail to look up")
+
+    handler = ReplyHandler(addresses, sink, known, keep_unreadable=keep)
     envelope = SimpleNamespace(
         original_content=b"Subject: x\r\n\r\nThank you",
         content=None,

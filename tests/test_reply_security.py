@@ -1,8 +1,8 @@
 """Hostile replies: the real reply listener of a running worker, real RabbitMQ, the emulator
 over real SMTP. A reply counts only when its address carries the token of its e-mail (made
 with the current key or an old one), comes from an allowed peer and sender, and names no
-other e-mail in its body; anything else is refused, counted, logged once, and changes
-nothing."""
+other e-mail waiting for its reply in its body; anything else is refused, counted, logged
+once, and changes nothing. A body ID that names no known e-mail gives way to the address."""
 
 from __future__ import annotations
 
@@ -164,6 +164,42 @@ async def test_a_body_id_that_disagrees_changes_nothing(
         await send_reply(service.reply_port, address, f"OK - 1 SMS, ID - {first.upper()}")
         await results.wait_until(lambda: Status.accepted in results.statuses("body-1"))
         assert results.statuses("body-2") == [Status.submitted]
+
+
+def body_ids_ignored(service: Service) -> float:
+    value = service.telemetry.metrics.registry.get_sample_value("smsc_reply_body_id_ignored_total")
+    return value or 0.0
+
+
+async def test_a_body_id_that_names_no_known_e_mail_gives_way_to_the_address(
+    amqp: AmqpSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, NO_REPLIES) as (_, service),
+    ):
+        first = await submitted_mail(broker, results, "mangled-1", 1)
+        # Cut short on the way: no e-mail has that ID, so the address's e-mail is answered.
+        address = service.reply_addresses.address(first)
+        await send_reply(service.reply_port, address, f"ERROR = 6 (denied), ID - {first[:20]}")
+        await results.wait_until(lambda: Status.failed in results.statuses("mangled-1"))
+        # An e-mail already answered is no longer known: its ID in another e-mail's reply is
+        # read as mangled too.
+        second = await submitted_mail(broker, results, "mangled-2", 2)
+        address = service.reply_addresses.address(second)
+        await send_reply(service.reply_port, address, f"OK - 1 SMS, ID - {first}")
+        await results.wait_until(lambda: Status.accepted in results.statuses("mangled-2"))
+        assert body_ids_ignored(service) == 2
+        assert refused(service, "mail_id_mismatch") == 0
+    (failed,) = [e for e in results.of("mangled-1") if e.status == Status.failed]
+    assert failed.gateway_id == first
+    assert failed.error is not None and failed.error.gateway_error == 6
+    (accepted,) = [e for e in results.of("mangled-2") if e.status == Status.accepted]
+    assert accepted.gateway_id == second
+    ignored = [r for r in caplog.records if "no known e-mail" in r.getMessage()]
+    assert len(ignored) == 2
+    assert refusal_logs(caplog) == []
 
 
 async def test_an_old_key_still_verifies_after_rotation(amqp: AmqpSettings) -> None:

@@ -24,6 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 from worker import runner
 from worker.delivery import RequestCopy
 from worker.errors import ConfigurationError
+from worker.lanes import Lane
 from worker.ledger import (
     CarriedRequest,
     CircuitView,
@@ -32,6 +33,7 @@ from worker.ledger import (
     Intake,
     MailBusy,
     MailRecord,
+    SplitNotes,
     StateStore,
     StateUnavailable,
     VerdictKind,
@@ -180,6 +182,7 @@ def record(
     parts: int = 1,
     submitted_at: float | None = None,
     body: bytes = b'{"text": "hi"}',
+    lane: Lane = Lane.normal,
 ) -> MailRecord:
     carried = tuple(
         CarriedRequest(
@@ -191,6 +194,7 @@ def record(
             metadata={"order": 7, "note": "ж", "flag": True, "none": None},
             copy=RequestCopy(body=body, headers={"h": "v", "n": 1}, message_id=rid),
             content_key=f"c-{rid}",
+            lane=lane,
         )
         for rid in rids
     )
@@ -357,7 +361,8 @@ async def test_begin_sending_writes_nothing_unless_every_request_is_claimed(
 
 
 async def test_the_pace_counts_mails_and_parts(make: MakeHarness) -> None:
-    harness = await make(limits={"mails_per_second": 2, "parts_per_second": 10})
+    # No share kept for the high lane: the account's pace alone.
+    harness = await make(limits={"mails_per_second": 2, "parts_per_second": 10, "high_share": 0})
     store = await harness.store()
     await claim(store, *(f"r{n}" for n in range(5)))
     # A burst of one second's worth: two e-mails, ten parts (25 parts count as the burst).
@@ -374,6 +379,61 @@ async def test_the_pace_counts_mails_and_parts(make: MakeHarness) -> None:
     assert await store.take_mail("m2") is None
     await harness.advance(gate.wait + 0.02)
     assert (await store.begin_sending(record("m2", "r2", parts=1))).kind == GateKind.go
+
+
+async def test_normal_and_bulk_leave_a_share_of_the_burst_to_high_priority(
+    make: MakeHarness,
+) -> None:
+    # Rates that are sums of powers of two: the GCRA's sums stay exact.
+    harness = await make(
+        limits={"mails_per_second": 8, "parts_per_second": 1024, "high_share": 0.5}
+    )
+    store = await harness.store()
+
+    async def burst(prefix: str, lane: Lane) -> int:
+        await claim(store, *(f"{prefix}{n}" for n in range(10)))
+        sent = 0
+        while (
+            await store.begin_sending(record(f"m{prefix}{sent}", f"{prefix}{sent}", lane=lane))
+        ).kind == GateKind.go:
+            sent += 1
+        return sent
+
+    # Normal and bulk e-mails stop at half the burst, and high-priority ones still find the
+    # rest free.
+    assert await burst("n", Lane.normal) == 4
+    assert await burst("h", Lane.high) == 4
+    assert (await store.begin_sending(record("mb", "n9", lane=Lane.bulk))).kind == GateKind.wait
+
+
+async def test_over_time_bulk_keeps_its_floor_and_uses_the_whole_pace_alone() -> None:
+    clock = Clock()
+    limits = LimitSettings(
+        mails_per_second=8, parts_per_second=1024, high_share=0.25, others_floor=0.25
+    )
+    store = MemoryStateStore(limits, RetrySettings(), clock)
+    await claim(store, *(f"h{n}" for n in range(200)), *(f"b{n}" for n in range(200)))
+    sent = {Lane.high: 0, Lane.bulk: 0}
+
+    async def greedy(lanes: tuple[Lane, ...], seconds: float) -> None:
+        end = clock.now + seconds
+        while clock.now < end:
+            for lane in lanes:
+                n = sent[lane]
+                rid = f"{'h' if lane == Lane.high else 'b'}{n}"
+                gate = await store.begin_sending(record(f"m{rid}", rid, lane=lane))
+                sent[lane] += gate.kind == GateKind.go
+            clock.now += 1 / 64
+
+    # Both lanes greedy for 10 s: high takes at most its share of the rate (and a burst),
+    # bulk keeps the rest.
+    await greedy((Lane.high, Lane.bulk), 10)
+    assert sent[Lane.high] <= 8 * 0.75 * 10 + 8
+    assert sent[Lane.bulk] >= 8 * 0.25 * 10 - 2
+    # Bulk alone: the whole pace, the kept share of the burst notwithstanding.
+    before = sent[Lane.bulk]
+    await greedy((Lane.bulk,), 5)
+    assert sent[Lane.bulk] - before >= 8 * 5 - 2
 
 
 async def test_a_stopped_account_sends_nothing(make: MakeHarness) -> None:
@@ -469,6 +529,23 @@ async def test_a_mail_whose_reply_was_applied_is_known_as_replied(make: MakeHarn
     assert await store.unanswered(time.time() + 3600) == []
 
 
+async def test_a_mail_is_known_from_its_record_until_it_is_settled(make: MakeHarness) -> None:
+    harness = await make()
+    store = await harness.store()
+    await claim(store, "r1")
+    assert not await store.knows_mail("m1")
+    await store.begin_sending(record("m1", "r1"))
+    assert await store.knows_mail("m1")
+    assert not await store.knows_mail("m2")
+    if harness.kind == "redis":
+        # Shared: another replica knows it too, and asking takes no lease from it.
+        assert await (await harness.store()).knows_mail("m1")
+    assert await store.take_mail("m1") is not None
+    assert await store.knows_mail("m1")  # taken, not yet settled
+    await store.finish(Finish(answered={"r1": ("ev", "fp")}, mails_done=["m1"]))
+    assert not await store.knows_mail("m1")
+
+
 async def test_unanswered_mails_and_unknown_outcomes(make: MakeHarness) -> None:
     store = await (await make()).store()
     await claim(store, "r1", "r2", "r3")
@@ -489,6 +566,37 @@ async def test_unanswered_mails_and_unknown_outcomes(make: MakeHarness) -> None:
 
 
 # -- several replicas (Redis) -----------------------------------------------------------
+
+
+async def test_a_split_grants_halves_within_its_allowance_until_one_gets_through(
+    make: MakeHarness,
+) -> None:
+    harness = await make()
+    store = await harness.store()
+
+    async def fail(root: str = "root", ttl: float = 60) -> SplitNotes:
+        return await store.note_split(root, failed=True, allowance=4, ttl=ttl)
+
+    assert await fail() == SplitNotes(1, 0, True)
+    assert await fail() == SplitNotes(2, 0, True)
+    assert await fail() == SplitNotes(3, 0, False)
+    # An e-mail through: the cause is a line's own, and the search goes on.
+    await store.note_split("root", failed=False, allowance=4, ttl=60)
+    assert await fail() == SplitNotes(4, 1, True)
+    assert await fail() == SplitNotes(5, 1, True)
+    # Other splits are apart, and a split is forgotten after its ttl.
+    assert await fail("other") == SplitNotes(1, 0, True)
+    await fail("brief", ttl=0.2)
+    await fail("brief", ttl=0.2)
+    await harness.advance(0.4)
+    assert await fail("brief", ttl=0.2) == SplitNotes(1, 0, True)
+
+
+async def test_replicas_count_one_split(make_redis: MakeHarness) -> None:
+    harness = await make_redis()
+    a, b = await harness.store(), await harness.store()
+    await a.note_split("root", failed=True, allowance=2, ttl=60)
+    assert await b.note_split("root", failed=True, allowance=2, ttl=60) == SplitNotes(2, 0, False)
 
 
 async def test_a_live_replica_holds_its_claims_and_a_dead_ones_lapse(
@@ -536,7 +644,7 @@ async def test_a_silent_replica_is_taken_for_dead_after_owner_ttl(
 
 
 async def test_replicas_share_the_limits(make_redis: MakeHarness) -> None:
-    harness = await make_redis(limits={"mails_per_second": 2})
+    harness = await make_redis(limits={"mails_per_second": 2, "high_share": 0})
     a, b = await harness.store(), await harness.store()
     [first] = await a.intake([item("r1", content="same", subs=("s",))])
     [second] = await b.intake([item("r2", content="same", subs=("s",))])
@@ -628,6 +736,7 @@ async def test_every_key_carries_the_account_tag_and_a_ttl(make_redis: MakeHarne
     await store.mark_unknown("m1")
     await store.open_circuit("blocked", None)
     await store.stop_account("stopped")
+    await store.note_split("m1", failed=True, allowance=10, ttl=60)
     await store.heartbeat()
 
     client = redis.asyncio.Redis.from_url(REDIS_URL, decode_responses=True)
@@ -638,7 +747,7 @@ async def test_every_key_carries_the_account_tag_and_a_ttl(make_redis: MakeHarne
         await client.aclose()
     kinds = {k.split(":")[1] for k in ttls}
     assert {"gen", "reset", "owner", "entry", "mail", "taken", "unanswered", "window"} <= kinds
-    assert {"streak", "pace", "circuit", "stopped"} <= kinds
+    assert {"streak", "pace", "circuit", "stopped", "split"} <= kinds
     assert all(k.startswith("{acme}:") for k in ttls), ttls
     assert ttls.pop("{acme}:gen") == -1
     assert all(ttl > 0 for ttl in ttls.values()), ttls

@@ -8,10 +8,15 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from worker.errors import InvalidRequest
+from worker.lanes import Lane
 from worker.prepare import BatchKey
 from worker.protocol.mail import ListLine, MailBuilder
 
 T = TypeVar("T")
+
+
+def _always(key: BatchKey) -> bool:
+    return True
 
 
 class LineRefused(InvalidRequest, Generic[T]):
@@ -39,7 +44,8 @@ class Batch(Generic[T]):
 
 class Batcher(Generic[T]):
     """Open batches by key. A batch closes when the next line would pass the byte limit,
-    when it reaches `max_lines`, or when its oldest item has waited `max_wait` seconds."""
+    when it reaches `max_lines`, or when its oldest item has waited `max_wait` seconds
+    (`high_max_wait` in the high-priority lane)."""
 
     def __init__(
         self,
@@ -47,10 +53,12 @@ class Batcher(Generic[T]):
         *,
         max_lines: int,
         max_wait: float,
+        high_max_wait: float | None = None,
     ) -> None:
         self._new_builder = new_builder
         self._max_lines = max_lines
         self._max_wait = max_wait
+        self._high_max_wait = max_wait if high_max_wait is None else high_max_wait
         self._open: dict[BatchKey, Batch[T]] = {}
 
     def __len__(self) -> int:
@@ -77,15 +85,19 @@ class Batcher(Generic[T]):
             closed.append(self._open.pop(key))
         return closed
 
-    def due(self, now: float) -> list[Batch[T]]:
-        """Close and return the batches whose oldest item has waited long enough."""
-        ready = [k for k, b in self._open.items() if now - b.opened_at >= self._max_wait]
+    def _deadline(self, batch: Batch[T]) -> float:
+        wait = self._high_max_wait if batch.key.lane == Lane.high else self._max_wait
+        return batch.opened_at + wait
+
+    def due(self, now: float, may_go: Callable[[BatchKey], bool] = _always) -> list[Batch[T]]:
+        """Close and return the batches whose oldest item has waited long enough, of those
+        whose key `may_go`."""
+        ready = [k for k, b in self._open.items() if may_go(k) and self._deadline(b) <= now]
         return [self._open.pop(k) for k in ready]
 
-    def next_deadline(self) -> float | None:
-        if not self._open:
-            return None
-        return min(b.opened_at for b in self._open.values()) + self._max_wait
+    def next_deadline(self, may_go: Callable[[BatchKey], bool] = _always) -> float | None:
+        """When the next batch whose key `may_go` is due; None when there is none."""
+        return min((self._deadline(b) for k, b in self._open.items() if may_go(k)), default=None)
 
     def drain(self) -> list[Batch[T]]:
         batches = list(self._open.values())

@@ -313,8 +313,23 @@ class ResultEvent(BaseModel):
     status: Status
     gateway_id: str | None = Field(None, description="Id of the e-mail that carried the request.")
     recipients: list[str] = Field(default_factory=list)
-    sms_parts: int | None = Field(None, description="SMS parts per recipient.")
-    sms_count: int | None = Field(None, description="Parts times recipients.")
+    sms_parts: int | None = Field(
+        None,
+        description=(
+            "SMS parts per recipient, as the gateway counts them: the text after "
+            "transliteration when translit is on; bytes on binary_hex (140 in one part, "
+            "134 per part when split); 1 on ping. Null when it is not known: before "
+            "sending, and on channels that do not send an SMS or whose count the gateway "
+            "does not document (wap_push, hlr, email, voice, viber, whatsapp, soc)."
+        ),
+    )
+    sms_count: int | None = Field(
+        None,
+        description=(
+            "Parts times recipients. Null when sms_parts is, or when a recipient is a "
+            "G<n> group, whose size only the gateway knows."
+        ),
+    )
     error: ErrorInfo | None = None
     attempt: int = Field(1, ge=1)
     retry_at: datetime | None = Field(None, description="For retrying/deferred: next attempt.")

@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from pamqp.commands import Basic
 
 from worker.confirmed_publish import RawMessage
+from worker.lanes import Lane
 
 ATTEMPT_HEADER = "x-smsc-attempt"
 FIRST_SEEN_HEADER = "x-smsc-first-seen"
@@ -209,9 +210,11 @@ class Delivery:
     redelivered: bool
     # Deliveries before this one that were returned to the quorum queue (its own count).
     returned: int = 0
+    # The queue it came from says how urgent it is; its copies go back there.
+    lane: Lane = Lane.normal
 
     @classmethod
-    def capture(cls, message: AbstractIncomingMessage) -> Delivery:
+    def capture(cls, message: AbstractIncomingMessage, lane: Lane = Lane.normal) -> Delivery:
         tag = message.delivery_tag
         assert tag is not None
         count = (message.headers or {}).get("x-delivery-count", 0)
@@ -221,6 +224,7 @@ class Delivery:
             copy=RequestCopy.of(message),
             redelivered=bool(message.redelivered),
             returned=count if isinstance(count, int) and not isinstance(count, bool) else 0,
+            lane=lane,
         )
 
     @property

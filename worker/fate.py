@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,8 @@ from worker.contract import (
     Status,
 )
 from worker.delivery import Delivery, RequestCopy
-from worker.ledger import CarriedRequest, Verdict, VerdictKind
+from worker.lanes import Lane
+from worker.ledger import CarriedRequest, SplitNotes, Verdict, VerdictKind
 from worker.protocol.replies import Action, Rejected
 from worker.settings import RetrySettings
 from worker.smtp_client import Outcome, SubmitResult
@@ -55,12 +57,15 @@ class Subject:
     first_seen: float = 0.0
     content_key: str = ""
     sms_parts: int | None = None
+    # The split it travels in (`Split.group`), kept by every copy until it ends.
+    group: str = ""
+    lane: Lane = Lane.normal
     # Whether the ledger holds this process's claim (or later state) for it, to be advanced
     # or released by the settlement.
     claimed: bool = False
 
     @classmethod
-    def of_carried(cls, carried: CarriedRequest) -> Subject:
+    def of_carried(cls, carried: CarriedRequest, group: str = "") -> Subject:
         return cls(
             delivery=None,
             request_id=carried.request_id,
@@ -71,6 +76,8 @@ class Subject:
             first_seen=carried.first_seen,
             content_key=carried.content_key,
             sms_parts=carried.sms_parts,
+            group=group,
+            lane=carried.lane,
             claimed=True,
         )
 
@@ -306,7 +313,49 @@ class ReplyPlan:
     stop_account: bool = False
 
 
-def after_error(reply: Rejected, mail_id: str, count: int, identical_window_s: float) -> ReplyPlan:
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Where an e-mail stands in the search for the line that made the gateway refuse a
+    whole e-mail: the e-mail the search began with (`root`, of `lines` lines) and the
+    halves (0: first, 1: second) taken from it to reach this one. Its requests carry it as
+    their signed group, which keeps them apart from every other request."""
+
+    root: str
+    lines: int
+    path: str = ""
+
+    @classmethod
+    def of(cls, group: str, mail_id: str, lines: int) -> Split:
+        """The split an e-mail belongs to, or a new one starting from it."""
+        root, _, rest = group.partition("/")
+        size, _, path = rest.partition("/")
+        if root and size.isdigit() and path and set(path) <= {"0", "1"}:
+            return cls(root, int(size), path)
+        return cls(mail_id, lines)
+
+    @property
+    def group(self) -> str:
+        return f"{self.root}/{self.lines}/{self.path}"
+
+    def half(self, which: int) -> Split:
+        return Split(self.root, self.lines, self.path + str(which))
+
+    @property
+    def allowance(self) -> int:
+        """The e-mails a split may send while none of them got through: two per halving,
+        enough to find one bad line among n (or to separate two), and a margin. A cause
+        every line shares (the sender, an option) fails every e-mail, so it ends there."""
+        return 2 * math.ceil(math.log2(max(self.lines, 2))) + 4
+
+
+def after_error(
+    reply: Rejected,
+    mail_id: str,
+    count: int,
+    identical_window_s: float,
+    split: Split | None = None,
+    notes: SplitNotes | None = None,
+) -> ReplyPlan:
     number = int(reply.error)
     code = f"gateway_{number}"
     text = f"gateway error {number}: {reply.description}"
@@ -314,25 +363,7 @@ def after_error(reply: Rejected, mail_id: str, count: int, identical_window_s: f
     if action == Action.fail or (action == Action.find_bad_line and count == 1):
         return ReplyPlan([Fail(code, text, number, mail_id)] * count)
     if action == Action.find_bad_line:
-        # One bad line rejected the whole e-mail: send its halves apart, so each round halves
-        # the suspects and only the bad requests end up failed.
-        middle = count // 2
-        note = f"{text}; resending in halves to find the bad recipient"
-        return ReplyPlan(
-            [
-                Later(
-                    0,
-                    code,
-                    note,
-                    Status.retrying,
-                    group=f"{mail_id}.{0 if i < middle else 1}",
-                    gateway_error=number,
-                    mail_id=mail_id,
-                    refund=True,
-                )
-                for i in range(count)
-            ]
-        )
+        return _find_bad_line(number, code, text, mail_id, count, split, notes or SplitNotes())
     if action == Action.retry_after_window:
         later = Later(
             identical_window_s,
@@ -361,3 +392,50 @@ def after_error(reply: Rejected, mail_id: str, count: int, identical_window_s: f
         0, code, text, Status.deferred, gateway_error=number, mail_id=mail_id, refund=True
     )
     return ReplyPlan([later] * count, circuit=circuit)
+
+
+def _find_bad_line(
+    number: int,
+    code: str,
+    text: str,
+    mail_id: str,
+    count: int,
+    split: Split | None,
+    notes: SplitNotes,
+) -> ReplyPlan:
+    """One bad line can make the gateway refuse a whole e-mail: its halves are sent apart,
+    so each round halves the suspects and only the bad requests end up failed.
+
+    Whether the cause is one line or what every line shares (the sender, an option) no
+    single reply tells: two bad lines fail both halves of a split just as a bad sender
+    does. What tells them apart is an e-mail of the split getting through, which a shared
+    cause never lets happen. So a split whose e-mails have all been refused stops once it
+    has spent its allowance (`Split.allowance`, about 2*log2(n) e-mails), failing its
+    remaining requests with the gateway's error; once one got through, the search goes on
+    until each bad line is found alone (at most two e-mails per bad line and halving).
+    """
+    split = split or Split(mail_id, count)
+    if not notes.granted:
+        why = (
+            f"all {notes.failed} e-mails sent to find the bad line were refused alike, so the "
+            "cause is what every line shares (the sender or an option), not one line"
+        )
+        return ReplyPlan([Fail(code, f"{text}; {why}", number, mail_id)] * count)
+    middle = count // 2
+    note = f"{text}; resending in halves to find the bad line"
+    halves = (split.half(0).group, split.half(1).group)
+    return ReplyPlan(
+        [
+            Later(
+                0,
+                code,
+                note,
+                Status.retrying,
+                group=halves[0 if i < middle else 1],
+                gateway_error=number,
+                mail_id=mail_id,
+                refund=True,
+            )
+            for i in range(count)
+        ]
+    )

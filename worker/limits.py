@@ -98,11 +98,13 @@ class Pace:
         self._burst = rate
         self._tat = 0.0
 
-    def take(self, cost: float, now: float) -> float:
-        """0 and the cost is taken; otherwise the seconds to wait, and nothing is taken."""
+    def take(self, cost: float, now: float, depth: float = 1.0) -> float:
+        """0 and the cost is taken; otherwise the seconds to wait, and nothing is taken.
+        `depth` is the share of the burst this cost may fill: what it leaves is kept free
+        for takers allowed deeper (high-priority e-mails), without lowering the rate."""
         cost = min(cost, self._burst)
         tat = max(self._tat, now)
-        allow_at = tat + cost * self._interval - 1.0
+        allow_at = tat + min(cost, self._burst * depth) * self._interval - depth
         if allow_at > now:
             return allow_at - now
         self._tat = tat + cost * self._interval

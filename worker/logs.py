@@ -1,4 +1,5 @@
-"""Logging set-up: JSON lines for production, readable text for local runs, a filter that
+"""Logging set-up: JSON lines for production, readable text for local runs (by default,
+whichever fits where stderr goes: text to a terminal, JSON to anything else), a filter that
 blanks the configured secrets wherever they might appear, and one that stamps each record
 with the trace, request and e-mail it was logged for, so a log line can be found from a
 trace and the other way round."""
@@ -123,12 +124,16 @@ def _url_password(url: str) -> str | None:
     return urlsplit(url).password
 
 
+def _text_logs(settings: Settings) -> bool:
+    log_format = settings.observability.log_format
+    if log_format == "auto":
+        return sys.stderr.isatty()
+    return log_format == "text"
+
+
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if settings.observability.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(TextFormatter())
+    handler.setFormatter(TextFormatter() if _text_logs(settings) else JsonFormatter())
     handler.addFilter(TraceContext())
     handler.addFilter(RedactSecrets(secrets_of(settings)))
     root = logging.getLogger()

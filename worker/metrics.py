@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from worker.contract import ResultEvent, Status
+from worker.lanes import Lane
 from worker.ledger import CircuitView
 from worker.reply_imap import NOT_REPLY_REASONS
 from worker.reply_receiver import REFUSAL_REASONS
@@ -45,6 +46,15 @@ def gateway_error_label(number: int) -> str:
     """The `error` label of a gateway error: its number for the documented ones (1-9), one
     label for any other, so a reply cannot add label values (series) at will."""
     return str(number) if 1 <= number <= 9 else "other"
+
+
+def dead_letter_label(code: str) -> str:
+    """The `code` label of a dead letter: the worker's own error codes as they are, but a
+    gateway error's (`gateway_<n>`) bounded like `gateway_error_label`."""
+    number = code.removeprefix("gateway_")
+    if number == code:
+        return code
+    return "gateway_" + (gateway_error_label(int(number)) if number.isdigit() else "other")
 
 
 class Metrics:
@@ -90,6 +100,18 @@ class Metrics:
             ["error"],
             registry=r,
         )
+        self.replies = Counter(
+            "smsc_replies",
+            "Gateway replies applied to the e-mail they answer, by answer: ok or error",
+            ["answer"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "smsc_dead_letters",
+            "Copies published (and confirmed) to the dead-letter exchange, by error code",
+            ["code"],
+            registry=r,
+        )
         self.settle_skipped = Counter(
             "smsc_settle_skipped",
             "Deliveries not acked or nacked because their channel had closed (the broker "
@@ -113,6 +135,12 @@ class Metrics:
             "smsc_replies_unreadable",
             "Reply e-mails with no answer the worker could read (a copy of each, secrets "
             "masked, goes to the dead letters)",
+            registry=r,
+        )
+        self.reply_body_id_ignored = Counter(
+            "smsc_reply_body_id_ignored",
+            "Replies whose body named an ID that is no known e-mail: that ID was ignored and "
+            "the reply applied to the e-mail its (verified) address names",
             registry=r,
         )
         self.reply_parts_mismatch = Counter(
@@ -149,15 +177,20 @@ class Metrics:
         self.to_submitted = Histogram(
             "smsc_request_to_submitted_seconds",
             "From the first receipt of a request to its e-mail being handed to the gateway",
+            ["priority"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.to_accepted = Histogram(
             "smsc_request_to_accepted_seconds",
             "From the first receipt of a request to the gateway's OK for its e-mail",
+            ["priority"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        for lane in Lane:
+            self.to_submitted.labels(lane.value)
+            self.to_accepted.labels(lane.value)
         self.batch_wait = Histogram(
             "smsc_batch_wait_seconds",
             "From an e-mail's first request to the e-mail being closed for sending",
@@ -171,6 +204,11 @@ class Metrics:
             self.replies_refused.labels(reason)
         for reason in NOT_REPLY_REASONS:
             self.imap_not_replies.labels(reason)
+        for answer in ("ok", "error"):
+            self.replies.labels(answer)
+        # The alerts on errors 2, 3 and 4 would otherwise miss the first one of each.
+        for label in [*map(str, range(1, 10)), "other"]:
+            self.gateway_errors.labels(label)
 
     def watch(self, circuit: Callable[[], CircuitView]) -> None:
         """Read the circuit's last known state at each scrape."""
@@ -192,6 +230,10 @@ class Metrics:
             elif event.status in (Status.submitted, Status.unknown):
                 self.sms_parts.inc(event.sms_count or 0)
 
+    def dead_lettered(self, codes: Iterable[str]) -> None:
+        for code in codes:
+            self.dead_letters.labels(dead_letter_label(code)).inc()
+
     def reply_refused(self, reason: str) -> None:
         self.replies_refused.labels(reason).inc()
 
@@ -200,16 +242,19 @@ class Metrics:
         self.email_lines.observe(lines)
         self.email_bytes.observe(size)
 
-    def submitted(self, requests: Iterable[Mapping[str, Any]]) -> None:
+    def submitted(self, requests: Iterable[tuple[Mapping[str, Any], Lane]]) -> None:
         _since_receipt(self.to_submitted, requests)
 
-    def accepted(self, requests: Iterable[Mapping[str, Any]]) -> None:
+    def accepted(self, requests: Iterable[tuple[Mapping[str, Any], Lane]]) -> None:
         _since_receipt(self.to_accepted, requests)
 
 
-def _since_receipt(histogram: Histogram, requests: Iterable[Mapping[str, Any]]) -> None:
+def _since_receipt(
+    histogram: Histogram, requests: Iterable[tuple[Mapping[str, Any], Lane]]
+) -> None:
+    """Each request's headers (its first receipt) and lane, labelled `priority`."""
     now = time.time()
-    for headers in requests:
+    for headers, lane in requests:
         received = received_at(headers)
         if received is not None:
-            histogram.observe(max(now - received, 0.0))
+            histogram.labels(lane.value).observe(max(now - received, 0.0))

@@ -9,10 +9,11 @@ from datetime import datetime
 
 from worker.contract import SendRequest
 from worker.errors import InvalidRequest
+from worker.lanes import Lane
 from worker.protocol.fields import Format, SendTime, Translit, check_text, is_email_sender
 from worker.protocol.mail import ListLine, MailOptions, pick_charset
-from worker.protocol.recipients import Recipient, parse_recipients
-from worker.protocol.segments import count_segments
+from worker.protocol.recipients import Recipient, parse_recipients, sms_count
+from worker.protocol.segments import sms_parts
 from worker.settings import GatewaySettings
 
 # The formats that carry no text: the only ones the gateway takes an empty text for.
@@ -22,11 +23,13 @@ TEXTLESS_FORMATS = (Format.hlr, Format.ping)
 @dataclass(frozen=True, slots=True)
 class BatchKey:
     """Requests with equal keys may share one e-mail. `group` keeps requests apart that
-    must travel alone (the halves of an e-mail being split to find a bad line)."""
+    must travel alone (the halves of an e-mail being split to find a bad line); `lane`
+    keeps an urgent request out of an e-mail that waits with bulk ones."""
 
     options: MailOptions
     charset: str
     group: str = ""
+    lane: Lane = Lane.normal
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +38,20 @@ class PreparedRequest:
     recipients: tuple[Recipient, ...]
     line: ListLine
     key: BatchKey
-    sms_parts: int
+    # Per recipient; None when the gateway's count is unknown (segments.sms_parts).
+    sms_parts: int | None
     content_key: str
 
     @property
-    def sms_count(self) -> int:
-        return self.sms_parts * len(self.recipients)
+    def sms_count(self) -> int | None:
+        return sms_count(self.sms_parts, self.line.phones)
+
+    @property
+    def pace_parts(self) -> int:
+        """What the account's parts pace counts: a message of unknown size as one part, and
+        a group as one recipient, since the pace cannot wait for what it cannot know."""
+        parts = 1 if self.sms_parts is None else self.sms_parts
+        return parts * len(self.recipients)
 
 
 def content_key(options: MailOptions, recipients: tuple[Recipient, ...], text: str) -> str:
@@ -78,6 +89,7 @@ def prepare(
     default_channel: Format,
     now: datetime,
     group: str = "",
+    lane: Lane = Lane.normal,
 ) -> PreparedRequest:
     """Everything about a request that can be known without I/O, or InvalidRequest."""
     check_not_expired(request, now)
@@ -92,9 +104,10 @@ def prepare(
             f"channels carry no text (this request's channel: {fmt.name})",
             code="empty_text",
         )
+    translit = Translit[request.translit] if request.translit else None
     options = MailOptions(
         send_time=_send_time(request),
-        translit=Translit[request.translit] if request.translit else None,
+        translit=translit,
         format=fmt,
         sender=request.sender if request.sender is not None else default_sender(gateway, fmt),
         subject=request.subject,
@@ -107,7 +120,7 @@ def prepare(
         request=request,
         recipients=recipients,
         line=ListLine(tuple(r.wire for r in recipients), text),
-        key=BatchKey(options, charset, group),
-        sms_parts=count_segments(text).parts,
+        key=BatchKey(options, charset, group, lane),
+        sms_parts=sms_parts(text, fmt, translit or Translit.off),
         content_key=content_key(options, recipients, text),
     )

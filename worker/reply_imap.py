@@ -9,9 +9,10 @@ token, the sender, the size), then
   one replica take it; its events are confirmed and its requests `answered`), and only
   then moved to `processed_folder`. A crash in between leaves it in `folder`: it is read
   again, the ledger knows it as applied, and it is moved without a second state change;
-- anything else (a bounce, spam, a forged reply, a reply to an e-mail unknown or expired)
-  is moved to `not_reply_folder`, counted and logged once, never applied and never read
-  again.
+- anything else (a bounce, spam, a forged reply, a reply whose body names another e-mail
+  still waiting, a reply to an e-mail unknown or expired) is moved to `not_reply_folder`,
+  counted and logged once, never applied and never read again. A body ID that names no
+  known e-mail is ignored, as the listener ignores it: the address's e-mail decides.
 
 A message whose reply cannot be settled now (another replica holds its e-mail, the broker
 or the state store does not answer) stays where it is and is read again at the next poll.
@@ -33,7 +34,7 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.message import Message
 from email.utils import getaddresses, parseaddr
 from enum import StrEnum
@@ -44,11 +45,13 @@ import aioimaplib
 from worker.ledger import MailBusy
 from worker.protocol.replies import Reply, UnreadableReply, read_reply
 from worker.reply_receiver import (
+    BodyId,
     KeepUnreadable,
+    KnownMail,
     ReplyAddresses,
     UnreadableCopy,
-    names_other_mail,
     parse_senders,
+    read_body_id,
     sender_allowed,
     verified_recipients,
 )
@@ -197,8 +200,6 @@ class MailJudge:
         except UnreadableReply as exc:
             copy = UnreadableCopy(raw, str(exc), sender, (mail_id,), tuple(sorted(tokens)))
             return Judged(mail_id=mail_id, unreadable=copy)
-        if names_other_mail(reply, mail_id):
-            return Judged(mail_id=mail_id, reason="mail_id_mismatch")
         return Judged(mail_id=mail_id, reply=reply)
 
     def _by_body(self, raw: bytes, message: Message, sender: str) -> Judged:
@@ -368,6 +369,7 @@ class ImapReplies:
         reply: ReplySettings,
         judge: MailJudge,
         apply: ApplyReply,
+        known_mail: KnownMail,
         keep_unreadable: KeepUnreadable,
         metrics: Metrics,
     ) -> None:
@@ -375,6 +377,7 @@ class ImapReplies:
         self._max_bytes = reply.max_message_bytes
         self._judge = judge
         self._apply = apply
+        self._known_mail = known_mail
         self._keep_unreadable = keep_unreadable
         self._metrics = metrics
         self.connected = False
@@ -445,15 +448,32 @@ class ImapReplies:
         if judged.reason is not None or judged.mail_id is None or judged.reply is None:
             await self._not_a_reply(mailbox, uid, judged.reason or "address", "")
             return
+        mail_id, reply = judged.mail_id, judged.reply
         try:
-            outcome = await self._apply(judged.mail_id, judged.reply)
+            body_id = await read_body_id(reply, mail_id, self._known_mail)
+        except Exception:
+            log.exception(
+                "e-mail %r named by a reply to %s not looked up; read again later",
+                reply.mail_id,
+                mail_id,
+            )
+            return
+        if body_id == BodyId.other_mail:
+            detail = f"to e-mail {mail_id}, names e-mail {reply.mail_id!r} in its body"
+            await self._not_a_reply(mailbox, uid, "mail_id_mismatch", detail)
+            return
+        if reply.mail_id is not None:
+            # As the listener: what is handed on names the e-mail the token verified.
+            reply = replace(reply, mail_id=mail_id)
+        try:
+            outcome = await self._apply(mail_id, reply)
         except MailBusy:
             return  # another replica settles it, and moves it
         except Exception:
-            log.exception("reply to e-mail %s not settled; read again later", judged.mail_id)
+            log.exception("reply to e-mail %s not settled; read again later", mail_id)
             return
         if outcome == ReplyOutcome.unknown_mail:
-            await self._not_a_reply(mailbox, uid, "unknown_mail", f"e-mail {judged.mail_id}")
+            await self._not_a_reply(mailbox, uid, "unknown_mail", f"e-mail {mail_id}")
             return
         if outcome == ReplyOutcome.applied_before and uid not in self._applied_elsewhere:
             self._applied_elsewhere.add(uid)
@@ -462,6 +482,9 @@ class ImapReplies:
         self._applied_elsewhere.discard(uid)
         if outcome == ReplyOutcome.applied:
             self._metrics.imap_replies.inc()
+            # Counted once, by the replica that applied it: a message read again is not.
+            if body_id == BodyId.ignored:
+                self._metrics.reply_body_id_ignored.inc()
 
     async def _not_a_reply(self, mailbox: Mailbox, uid: int, reason: str, detail: str) -> None:
         await mailbox.move(uid, self._settings.not_reply_folder)

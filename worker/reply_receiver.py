@@ -5,7 +5,12 @@ that address, so a reply names the e-mail it answers even when its body carries 
 (errors 1, 2, 4, 5 and 9). The token is a truncated HMAC of the mail id under a key only
 the worker holds, and it is never published (events carry the bare mail id): knowing a
 gateway id is not enough to answer for its e-mail. A recipient whose token does not verify
-is refused at RCPT; an ID in the body counts only when it agrees with the address.
+is refused at RCPT. The address's (verified) ID decides which e-mail a reply answers. An ID
+in the body that differs is read one of two ways: one that names another e-mail this
+account still waits on is refused, since the token did not verify that one (one e-mail's
+reply capability must not settle another); one that names no known e-mail (the gateway or
+a mail system on the way mangled it) is ignored, logged and counted, and the reply applies
+to its address's e-mail.
 
 Optionally only some networks may connect (checked on the peer address, before the
 greeting) and only some envelope senders may send. Every refusal changes nothing, is
@@ -26,7 +31,8 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Any
 
 from worker.logs import MASK
@@ -40,6 +46,8 @@ UNREADABLE_REPLY = "unreadable_reply"
 
 ReplySink = Callable[[str, Reply], Awaitable[None]]
 Refused = Callable[[str], None]
+# Whether a mail id names an e-mail of this account still waiting for its reply.
+KnownMail = Callable[[str], Awaitable[bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,10 +215,30 @@ def verified_recipients(
     return mail_ids, tokens
 
 
-def names_other_mail(reply: Reply, mail_id: str) -> bool:
-    """Whether the reply's body names another e-mail than the one its address verified."""
+class BodyId(Enum):
+    """How the ID in a reply's body stands to the e-mail its (verified) address names."""
+
+    agrees = "agrees"  # none, or the address's own
+    other_mail = "other_mail"  # another e-mail still waiting: refused, its token never verified
+    ignored = "ignored"  # no known e-mail (mangled on the way): the address's e-mail decides
+
+
+async def read_body_id(reply: Reply, mail_id: str, known_mail: KnownMail) -> BodyId:
+    """Which of `BodyId` the reply's body ID is, beside `mail_id` (the e-mail its address
+    verified); an ignored one is logged here. Raises what `known_mail` raises: the reply
+    can then be neither refused nor applied, only taken again later."""
     named = reply.mail_id
-    return named is not None and named.lower() != mail_id
+    if named is None or named.lower() == mail_id:
+        return BodyId.agrees
+    if await known_mail(named.lower()):
+        return BodyId.other_mail
+    log.warning(
+        "reply to e-mail %s names %r in its body, no known e-mail: that ID is "
+        "ignored and the reply applies to its address's e-mail",
+        mail_id,
+        named,
+    )
+    return BodyId.ignored
 
 
 def _peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -231,15 +259,19 @@ class ReplyHandler:
         self,
         addresses: ReplyAddresses,
         sink: ReplySink,
+        known_mail: KnownMail,
         *,
         allowed_networks: Iterable[Network] = (),
         allowed_senders: Iterable[str] = (),
         refused: Refused | None = None,
+        body_id_ignored: Callable[[], None] | None = None,
         keep_unreadable: KeepUnreadable | None = None,
     ) -> None:
         self._keep_unreadable = keep_unreadable
         self._addresses = addresses
         self._sink = sink
+        self._known_mail = known_mail
+        self._body_id_ignored = body_id_ignored or (lambda: None)
         self._networks = tuple(allowed_networks)
         self._senders = tuple(s.lower() for s in allowed_senders)
         self._refused = refused or (lambda reason: None)
@@ -292,7 +324,14 @@ class ReplyHandler:
             self._refuse("ambiguous", "one reply addressed to e-mails %s", sorted(addressed))
             return "550 5.7.1 one reply answers one e-mail"
         (mail_id,) = addressed
-        if names_other_mail(reply, mail_id):
+        try:
+            body_id = await read_body_id(reply, mail_id, self._known_mail)
+        except Exception:
+            log.exception(
+                "could not look up e-mail %r named by a reply to %s", reply.mail_id, mail_id
+            )
+            return "451 4.3.0 reply not recorded, try again later"
+        if body_id == BodyId.other_mail:
             self._refuse(
                 "mail_id_mismatch",
                 "reply to e-mail %s names e-mail %r in its body, from %s",
@@ -301,6 +340,11 @@ class ReplyHandler:
                 session.peer,
             )
             return "550 5.7.1 the reply names another e-mail than its address"
+        if body_id == BodyId.ignored:
+            self._body_id_ignored()
+        if reply.mail_id is not None:
+            # What is handed on names the e-mail the token verified, as that one decides.
+            reply = replace(reply, mail_id=mail_id)
         try:
             await self._sink(mail_id, reply)
         except Exception:

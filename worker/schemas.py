@@ -8,11 +8,23 @@ from pathlib import Path
 from typing import Any
 
 from worker.contract import SCHEMA_VERSION, ResultEvent, SendRequest, Status
+from worker.lanes import Lane
 from worker.settings import AmqpSettings
 
 SEND_REQUEST_FILE = "send-request.schema.json"
 RESULT_EVENT_FILE = "result-event.schema.json"
 ASYNCAPI_FILE = "asyncapi.json"
+_LANES = {
+    Lane.high: "High-priority send requests (one-time codes): a queue, consumer, batch window, "
+    "share of the pace and SMTP connections of their own.",
+    Lane.normal: "Send requests.",
+    Lane.bulk: "Bulk send requests (campaigns): they give way to the others, within a floor "
+    "of the pace.",
+}
+
+
+def _requests_channel(lane: Lane) -> str:
+    return "requests" if lane == Lane.normal else f"requests.{lane}"
 
 
 def _schema(model: type[SendRequest] | type[ResultEvent]) -> dict[str, Any]:
@@ -49,23 +61,30 @@ def asyncapi(amqp: AmqpSettings) -> dict[str, Any]:
             "correlation_id, when it has one).",
         },
         "channels": {
-            "requests": {
-                "address": amqp.requests_queue,
-                "messages": {"sendRequest": {"$ref": "#/components/messages/sendRequest"}},
-                "bindings": {
-                    "amqp": {
-                        "is": "queue",
-                        "queue": {"name": amqp.requests_queue, "durable": True},
-                    }
-                },
+            **{
+                _requests_channel(lane): {
+                    "address": amqp.queue(lane),
+                    "description": _LANES[lane],
+                    "messages": {"sendRequest": {"$ref": "#/components/messages/sendRequest"}},
+                    "bindings": {
+                        "amqp": {
+                            "is": "queue",
+                            "queue": {"name": amqp.queue(lane), "durable": True},
+                        }
+                    },
+                }
+                for lane in Lane
             },
             **{f"result.{name}": channel for name, channel in results.items()},
         },
         "operations": {
-            "sendRequest": {
-                "action": "receive",
-                "channel": {"$ref": "#/channels/requests"},
-                "summary": "The worker consumes send requests.",
+            **{
+                f"sendRequest{'' if lane == Lane.normal else '.' + lane}": {
+                    "action": "receive",
+                    "channel": {"$ref": f"#/channels/{_requests_channel(lane)}"},
+                    "summary": f"The worker consumes {lane} send requests.",
+                }
+                for lane in Lane
             },
             **{
                 f"publish.{name}": {

@@ -19,12 +19,13 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import formatdate
+from functools import partial
 from types import TracebackType
-from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry.trace import TracerProvider
@@ -50,6 +51,7 @@ from worker.fate import (
     Later,
     Reject,
     Requeue,
+    Split,
     Subject,
     Unknown,
     after_error,
@@ -60,6 +62,7 @@ from worker.fate import (
     read_request,
     request_id_of,
 )
+from worker.lanes import Lane, LaneSlots
 from worker.ledger import (
     CarriedRequest,
     CircuitView,
@@ -67,6 +70,7 @@ from worker.ledger import (
     Intake,
     MailBusy,
     MailRecord,
+    SplitNotes,
     StateStore,
     StateUnavailable,
 )
@@ -75,8 +79,9 @@ from worker.ledger.memory import MemoryStateStore
 from worker.prepare import BatchKey, PreparedRequest, check_not_expired, prepare
 from worker.protocol.fields import new_mail_id
 from worker.protocol.mail import Account, Envelope, MailBuilder
+from worker.protocol.recipients import sms_count
 from worker.protocol.replies import Accepted as AcceptedReply
-from worker.protocol.replies import Reply
+from worker.protocol.replies import Action, Rejected, Reply
 from worker.reply_imap import ImapReplies, MailJudge, ReplyOutcome
 from worker.reply_receiver import (
     UNREADABLE_REPLY,
@@ -151,6 +156,8 @@ class Pending:
             first_seen=self.first_seen,
             content_key=self.prepared.content_key,
             sms_parts=self.prepared.sms_parts,
+            group=self.provenance.group,
+            lane=self.delivery.lane,
             claimed=claimed,
         )
 
@@ -164,6 +171,7 @@ class Pending:
             metadata=dict(self.request.metadata),
             copy=self.delivery.copy,
             content_key=self.prepared.content_key,
+            lane=self.delivery.lane,
         )
 
 
@@ -191,7 +199,11 @@ class Service:
     ) -> None:
         self.settings = settings
         self.telemetry = Telemetry(settings, tracer_provider)
-        self.broker = Broker(settings.amqp, published=self.telemetry.published)
+        self.broker = Broker(
+            settings.amqp,
+            published=self.telemetry.published,
+            dead_lettered=self.telemetry.metrics.dead_lettered,
+        )
         self.store: StateStore = store or open_store(settings)
         self.signer = HeaderSigner(header_key(settings))
         self.reply_addresses = ReplyAddresses(settings.reply.address, *reply_token_keys(settings))
@@ -209,13 +221,16 @@ class Service:
             self._new_builder,
             max_lines=settings.batch.max_lines,
             max_wait=settings.batch.max_wait_ms / 1000,
+            high_max_wait=settings.batch.high_max_wait_ms / 1000,
         )
         self.circuit_view = CircuitView.closed
         self.telemetry.watch(lambda: self.circuit_view)
-        self._smtp: GatewaySmtp | None = None
+        # High-priority e-mails have SMTP connections of their own: one never waits for a
+        # connection busy with bulk.
+        self._smtp: dict[bool, GatewaySmtp] = {}
         self._reply_server: asyncio.Server | None = None
         self.imap_replies: ImapReplies | None = None
-        self._consumer_tag: str | None = None
+        self._consumer_tags: dict[Lane, str] = {}
         # Start and stop come from the intake, the submissions, replies and the state
         # watcher: one at a time, or two consumers could be started.
         self._consuming = asyncio.Lock()
@@ -227,9 +242,14 @@ class Service:
         self._held: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
-        self._submit_slots = asyncio.Semaphore(settings.smtp.connections)
-        self._batch_added = asyncio.Event()
-        self._submission_done = asyncio.Event()
+        self._submit_slots = {
+            False: LaneSlots(settings.smtp.connections),
+            True: LaneSlots(settings.smtp.high_connections),
+        }
+        # Submissions under way, by lane.
+        self._busy: Counter[Lane] = Counter()
+        # Set when a batch was added or a submission ended: the flusher looks again.
+        self._flush_wake = asyncio.Event()
         self._submitting: dict[str, asyncio.Future[None]] = {}
         # E-mails whose reply is being handled here: one reply per e-mail at a time.
         self._replies: set[str] = set()
@@ -256,7 +276,10 @@ class Service:
         s = self.settings
         await self.store.start()
         self.telemetry.metrics.state_up.set(1)
-        self._smtp = GatewaySmtp(s.smtp)
+        self._smtp = {
+            False: GatewaySmtp(s.smtp),
+            True: GatewaySmtp(s.smtp.model_copy(update={"connections": s.smtp.high_connections})),
+        }
         if not s.reply.token_key.get_secret_value():
             log.warning(
                 "SMSC_REPLY__TOKEN_KEY is empty: the key of the reply address tokens is "
@@ -284,7 +307,7 @@ class Service:
             where = f"from imap://{s.reply.imap.host}:{s.reply.imap.port}/{s.reply.imap.folder}"
         else:
             where = f"on {s.reply.host}:{self.reply_port}"
-        log.info("consuming %s; replies %s", s.amqp.requests_queue, where)
+        log.info("consuming %s; replies %s", ", ".join(s.amqp.queue(lane) for lane in Lane), where)
 
     def _start_imap(self) -> None:
         s = self.settings
@@ -299,6 +322,7 @@ class Service:
             s.reply,
             MailJudge(self.reply_addresses, s.reply, s.gateway.address),
             self.apply_reply,
+            self.store.knows_mail,
             self.keep_unreadable_reply,
             self.telemetry.metrics,
         )
@@ -308,9 +332,11 @@ class Service:
         handler = ReplyHandler(
             self.reply_addresses,
             self.on_reply,
+            self.store.knows_mail,
             allowed_networks=parse_networks(s.reply.allowed_networks),
             allowed_senders=parse_senders(s.reply.allowed_senders),
             refused=self.telemetry.metrics.reply_refused,
+            body_id_ignored=self.telemetry.metrics.reply_body_id_ignored.inc,
             keep_unreadable=self.keep_unreadable_reply,
         )
         self._reply_server = await serve_smtp(
@@ -343,7 +369,7 @@ class Service:
     def ready(self) -> bool:
         return (
             self.broker.is_connected
-            and self._consumer_tag is not None
+            and bool(self._consumer_tags)
             and not self.draining
             and self.state_ok
             and self.circuit_view == CircuitView.closed
@@ -358,21 +384,22 @@ class Service:
 
     async def _start_consuming(self) -> None:
         async with self._consuming:
-            if self._consumer_tag is not None or self.draining or self.account_stopped:
+            if self._consumer_tags or self.draining or self.account_stopped:
                 return
-            self._consumer_tag = await self.broker.consuming_queue().consume(
-                self.telemetry.consumer(self._on_message)
-            )
+            for lane in Lane:
+                queue = self.broker.consuming_queue(lane)
+                self._consumer_tags[lane] = await queue.consume(
+                    self.telemetry.consumer(partial(self._on_message, lane), queue.name)
+                )
 
     async def _stop_consuming(self) -> None:
         async with self._consuming:
-            if self._consumer_tag is None:
-                return
-            tag, self._consumer_tag = self._consumer_tag, None
-            try:
-                await self.broker.consuming_queue().cancel(tag)
-            except Exception as exc:
-                log.warning("could not cancel the consumer: %s", exc)
+            tags, self._consumer_tags = self._consumer_tags, {}
+            for lane, tag in tags.items():
+                try:
+                    await self.broker.consuming_queue(lane).cancel(tag)
+                except Exception as exc:
+                    log.warning("could not cancel the %s consumer: %s", lane, exc)
 
     async def drain(self) -> None:
         """Stop taking requests, send what is batched, wait for it, close."""
@@ -388,7 +415,7 @@ class Service:
                     await asyncio.sleep(0.01)
         while True:
             for batch in self._batcher.drain():
-                self._spawn(self._submit(batch))
+                self._launch(batch)
             if not self._tasks:
                 break
             _, late = await asyncio.wait(
@@ -406,8 +433,8 @@ class Service:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._reply_server is not None:
             self._reply_server.close()
-        if self._smtp is not None:
-            await self._smtp.close()
+        for smtp in self._smtp.values():
+            await smtp.close()
         await self.broker.close()
         await self.store.close()
         self._stopped.set()
@@ -437,14 +464,16 @@ class Service:
                 log.exception("%s failed; starting it again", loop.__name__)
                 await asyncio.sleep(1)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+    def _launch(self, batch: Batch[Pending]) -> None:
+        self._busy[batch.key.lane] += 1
+        task = asyncio.create_task(self._submit(batch))
         self._tasks.add(task)
-        task.add_done_callback(self._submission_finished)
+        task.add_done_callback(partial(self._submission_finished, batch.key.lane))
 
-    def _submission_finished(self, task: asyncio.Task[None]) -> None:
+    def _submission_finished(self, lane: Lane, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._submission_done.set()
+        self._busy[lane] -= 1
+        self._flush_wake.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("submission failed", exc_info=task.exception())
 
@@ -494,9 +523,9 @@ class Service:
 
     # consume -> read -------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, lane: Lane, message: AbstractIncomingMessage) -> None:
         try:
-            delivery = Delivery.capture(message)
+            delivery = Delivery.capture(message, lane)
         except Exception as exc:
             # Its channel is gone: the broker has requeued it already.
             log.warning("delivery from a closed channel skipped: %s", exc)
@@ -571,6 +600,7 @@ class Service:
                 self.settings.default_channel,
                 datetime.now(UTC),
                 provenance.group,
+                delivery.lane,
             )
         except InvalidRequest as exc:
             return Arrival(delivery, subject, Reject(exc.code, exc.message))
@@ -660,7 +690,7 @@ class Service:
                     continue
                 self._batch(pending, decided)
                 batched.add(id(pending.delivery))
-            self._batch_added.set()
+            self._flush_wake.set()
         finally:
             settled = {id(s.delivery) for s, _ in decided} | batched
             for arrival in burst:
@@ -679,7 +709,7 @@ class Service:
             decided.append((pending.subject(), Reject(exc.code, exc.message)))
             closed = exc.closed
         for batch in closed:
-            self._spawn(self._submit(batch))
+            self._launch(batch)
 
     def _new_builder(self, key: BatchKey) -> MailBuilder:
         mail_id = new_mail_id()
@@ -699,23 +729,29 @@ class Service:
             limit=self.settings.batch.max_bytes,
         )
 
+    def _may_go(self, key: BatchKey) -> bool:
+        """While every SMTP connection of its kind has an e-mail of its lane or a more
+        urgent one to send, a due batch would only queue for one: it goes on filling (up to
+        its limits) until one is free. E-mails of less urgent lanes do not hold it back:
+        it goes before them (`LaneSlots`)."""
+        if key.lane == Lane.high:
+            return self._busy[Lane.high] < self.settings.smtp.high_connections
+        ahead = self._busy[Lane.normal] + (self._busy[Lane.bulk] if key.lane == Lane.bulk else 0)
+        return ahead < self.settings.smtp.connections
+
     async def _flush_when_due(self) -> None:
         while True:
-            deadline = self._batcher.next_deadline()
-            if deadline is None:
-                await self._batch_added.wait()
-                self._batch_added.clear()
+            self._flush_wake.clear()
+            deadline = self._batcher.next_deadline(self._may_go)
+            delay = None if deadline is None else deadline - time.monotonic()
+            if delay is None or delay > 0:
+                # A new batch may be due sooner (a high-priority one), or a connection free.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._flush_wake.wait()
                 continue
-            delay = deadline - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            # While every SMTP connection has an e-mail to send, a due batch would only
-            # queue for one: let it go on filling (up to its limits) until one is free.
-            while len(self._tasks) >= self.settings.smtp.connections:
-                self._submission_done.clear()
-                await self._submission_done.wait()
-            for batch in self._batcher.due(time.monotonic()):
-                self._spawn(self._submit(batch))
+            for batch in self._batcher.due(time.monotonic(), self._may_go):
+                self._launch(batch)
 
     # gate -> submit -> settle ----------------------------------------------------------
 
@@ -723,7 +759,7 @@ class Service:
         live = list(batch.items)
         try:
             with self.telemetry.submission([p.delivery.headers for p in live], batch.opened_at):
-                async with self._submit_slots:
+                async with self._submit_slots[batch.key.lane == Lane.high].hold(batch.key.lane):
                     await self._send_batch(batch, live)
         finally:
             # Whatever was not settled goes back to the queue: a request whose e-mail may
@@ -793,8 +829,9 @@ class Service:
                 batch.mail_id,
                 tuple(p.carried() for p in live),
                 time.time(),
-                sms_parts=sum(p.prepared.sms_count for p in live),
+                sms_parts=sum(p.prepared.pace_parts for p in live),
                 trace=self.telemetry.carrier(),
+                group=live[0].provenance.group,
             )
             try:
                 gate = await self.store.begin_sending(record)
@@ -855,9 +892,8 @@ class Service:
             waited += gate.wait
 
     async def _submit_mail(self, batch: Batch[Pending], live: list[Pending], mail: bytes) -> None:
-        assert self._smtp is not None
         with self.telemetry.smtp(batch.mail_id, len(live), len(mail)) as smtp_call:
-            result = await self._smtp.submit(
+            result = await self._smtp[batch.key.lane == Lane.high].submit(
                 self.reply_from(batch.mail_id),
                 self.settings.gateway.address,
                 mail,
@@ -969,17 +1005,24 @@ class Service:
         )
 
     async def _apply_reply(self, record: MailRecord, reply: Reply) -> None:
-        subjects = [Subject.of_carried(c) for c in record.requests]
+        subjects = [Subject.of_carried(c, record.group) for c in record.requests]
         if isinstance(reply, AcceptedReply):
             await self.store.close_circuit()
             if self.circuit_view != CircuitView.closed:
                 log.info("circuit closed")
             self.circuit_view = CircuitView.closed
             self._compare_parts(record, reply)
+            await self._note_split(record, reply)
             fates: Iterable[Fate] = [Accepted(record.mail_id)] * len(subjects)
         else:
+            split, notes = await self._note_split(record, reply)
             plan = after_error(
-                reply, record.mail_id, len(subjects), self.settings.limits.identical_window_s
+                reply,
+                record.mail_id,
+                len(subjects),
+                self.settings.limits.identical_window_s,
+                split,
+                notes,
             )
             log.warning(
                 "e-mail %s: gateway error %s -> %s",
@@ -1003,18 +1046,43 @@ class Service:
             list(zip(subjects, fates, strict=True)), mails_done=[record.mail_id], replied=True
         )
 
+    async def _note_split(
+        self, record: MailRecord, reply: Reply
+    ) -> tuple[Split | None, SplitNotes | None]:
+        """For an e-mail of a split, or one refused for an error one line can cause: count
+        its answer in the split (any replica may have sent its other e-mails) and, for a
+        failure, whether it may be halved."""
+        failed = isinstance(reply, Rejected)
+        if isinstance(reply, Rejected) and (
+            reply.action != Action.find_bad_line or len(record.requests) == 1
+        ):
+            return None, None
+        split = Split.of(record.group, record.mail_id, len(record.requests))
+        if not failed and not split.path:
+            return None, None
+        notes = await self.store.note_split(
+            split.root,
+            failed=failed,
+            allowance=split.allowance,
+            ttl=self.settings.limits.dedup_ttl_s,
+        )
+        return split, notes
+
     def _compare_parts(self, record: MailRecord, reply: AcceptedReply) -> None:
         """`OK - n SMS` against the parts the worker counted for the e-mail (parts times
         recipients, summed): a difference is logged and counted, and the requests are still
-        accepted (the gateway has taken them; its count is what it charges). A record
-        without a count (0) is not compared."""
-        if record.sms_parts and reply.sms_count != record.sms_parts:
+        accepted (the gateway has taken them; its count is what it charges). An e-mail with
+        a request whose count is unknown (not an SMS, or a `G<n>` group) is not compared:
+        any n could be right."""
+        counts = [sms_count(r.sms_parts, r.recipients) for r in record.requests]
+        expected = None if None in counts else sum(c or 0 for c in counts)
+        if expected is not None and reply.sms_count != expected:
             self.telemetry.metrics.reply_parts_mismatch.inc()
             log.warning(
                 "e-mail %s: the gateway counted %d SMS, the worker expected %d",
                 record.mail_id,
                 reply.sms_count,
-                record.sms_parts,
+                expected,
             )
 
     async def _expire_unanswered(self) -> None:

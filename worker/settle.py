@@ -38,7 +38,9 @@ from worker.fate import (
     Submitted,
     Unknown,
 )
+from worker.lanes import Lane
 from worker.ledger import Finish, StateStore, StateUnavailable
+from worker.protocol.recipients import sms_count
 from worker.telemetry import Telemetry, event_headers
 
 log = logging.getLogger(__name__)
@@ -141,7 +143,7 @@ class _Plan:
     unknown_mails: set[str] = field(default_factory=set)
     events: list[Outgoing] = field(default_factory=list)
     dead: list[tuple[RequestCopy, str, str]] = field(default_factory=list)
-    delays: list[tuple[RequestCopy, float, dict[str, Any]]] = field(default_factory=list)
+    delays: list[tuple[RequestCopy, float, dict[str, Any], Lane]] = field(default_factory=list)
     acks: list[Delivery] = field(default_factory=list)
     requeues: list[Delivery] = field(default_factory=list)
     submitted: list[Subject] = field(default_factory=list)
@@ -220,7 +222,7 @@ class Settler:
                 Finish(replied=mails_done) if replied else Finish(mails_done=mails_done)
             )
         if plan.submitted:
-            self._telemetry.submitted(s.copy.headers for s in plan.submitted)
+            self._telemetry.submitted((s.copy.headers, s.lane) for s in plan.submitted)
         await self._acker.settle(plan.acks, plan.requeues)
 
     async def apply_backlog(self) -> None:
@@ -256,9 +258,11 @@ class Settler:
             plan.dead.append((subject.copy, fate.code, fate.reason))
         if isinstance(fate, Later):
             attempt = subject.attempt + 1 if fate.next_attempt else subject.attempt
-            provenance = Provenance(attempt, subject.first_seen or now, fate.group, fate.in_doubt)
+            provenance = Provenance(
+                attempt, subject.first_seen or now, fate.group or subject.group, fate.in_doubt
+            )
             headers = self._signer.headers(subject.copy.body, provenance)
-            plan.delays.append((subject.copy, fate.wait, headers))
+            plan.delays.append((subject.copy, fate.wait, headers, subject.lane))
         if isinstance(fate, Unknown) and fate.mail_id is not None and not fate.final:
             plan.unknown_mails.add(fate.mail_id)
         if isinstance(fate, Submitted) and fate.unknown:
@@ -347,14 +351,13 @@ class Settler:
                         "waiting for the gateway's reply, not resending",
                         False,
                     )
-            parts = subject.sms_parts
             return ResultEvent.create(
                 rid,
                 status,
                 attempt=subject.attempt,
                 gateway_id=fate.mail_id,
-                sms_parts=parts,
-                sms_count=None if parts is None else parts * len(subject.recipients),
+                sms_parts=subject.sms_parts,
+                sms_count=sms_count(subject.sms_parts, subject.recipients),
                 error=error,
                 recipients=recipients,
                 metadata=metadata,

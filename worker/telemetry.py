@@ -58,6 +58,7 @@ from opentelemetry.util.types import AttributeValue
 from worker.contract import ResultEvent
 from worker.delivery import ATTEMPT_HEADER
 from worker.errors import ConfigurationError
+from worker.lanes import Lane
 from worker.ledger import CircuitView, MailRecord
 from worker.logs import Masker, gateway_id_var, request_id_var, secrets_of
 from worker.metrics import RECEIVED_HEADER, Metrics, gateway_error_label
@@ -179,10 +180,11 @@ class Telemetry:
 
     # requests ------------------------------------------------------------------------
 
-    def consumer(self, callback: Consumer) -> Consumer:
+    def consumer(self, callback: Consumer, queue: str | None = None) -> Consumer:
         """Wrap the consumer callback in one span per delivered request, and stamp the
         delivery's headers with that span's context and the time of first receipt.
         With tracing off, the caller's trace headers pass through as they are."""
+        subscription = queue or self._queue
 
         async def untraced(message: AbstractIncomingMessage) -> None:
             headers = message.headers
@@ -207,7 +209,7 @@ class Telemetry:
                 MESSAGING_OPERATION_TYPE: "process",
                 MESSAGING_OPERATION_NAME: "process",
                 MESSAGING_DESTINATION: message.exchange or "",
-                MESSAGING_SUBSCRIPTION: self._queue,
+                MESSAGING_SUBSCRIPTION: subscription,
                 MESSAGING_BODY_SIZE: len(message.body),
             }
             optional = {
@@ -223,7 +225,7 @@ class Telemetry:
             token = context.attach(_extract(headers))
             try:
                 with (
-                    self._span(f"process {self._queue}", SpanKind.CONSUMER, attributes),
+                    self._span(f"process {subscription}", SpanKind.CONSUMER, attributes),
                     _log_context(request_id=None, gateway_id=None),
                 ):
                     # The request span becomes the parent of everything copied from these
@@ -280,7 +282,7 @@ class Telemetry:
         with self._span("smtp submit", SpanKind.CLIENT, attributes) as span:
             yield SmtpCall(self, span, lines, size)
 
-    def submitted(self, requests: Iterable[Mapping[str, Any]]) -> None:
+    def submitted(self, requests: Iterable[tuple[Mapping[str, Any], Lane]]) -> None:
         """The `submitted` (or `unknown`) events of these requests are confirmed."""
         self.metrics.submitted(requests)
 
@@ -316,7 +318,8 @@ class Telemetry:
         ):
             yield
         if isinstance(reply, Accepted):
-            self.metrics.accepted(r.copy.headers for r in record.requests)
+            self.metrics.accepted((r.copy.headers, r.lane) for r in record.requests)
+        self.metrics.replies.labels("ok" if isinstance(reply, Accepted) else "error").inc()
 
     # spans ---------------------------------------------------------------------------
 

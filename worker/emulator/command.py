@@ -87,6 +87,13 @@ def emulator_command(
     reply_from: Annotated[
         str, typer.Option(help="From address of reply e-mails.")
     ] = DEFAULT_GATEWAY_ADDRESS,
+    reply_charset: Annotated[
+        str,
+        typer.Option(
+            help="Charset of reply e-mails: utf-8 (English, declared), or cp1251 / koi8-r "
+            "(Russian descriptions, no charset declared)."
+        ),
+    ] = "utf-8",
     latency: Annotated[
         float, typer.Option(min=0, help="Seconds to wait before answering DATA.")
     ] = 0.0,
@@ -99,7 +106,7 @@ def emulator_command(
     ] = 60.0,
     identical_copies: Annotated[
         int, typer.Option(min=1, help="Identical requests allowed per window (error 9 beyond).")
-    ] = 2,
+    ] = 1,
     streak_limit: Annotated[
         int,
         typer.Option(min=1, help="Messages one subscriber gets in a streak; more are held back."),
@@ -141,6 +148,7 @@ def emulator_command(
             reply_relay=relay,
             reply_lmtp=relay_lmtp,
             reply_from=reply_from,
+            reply_charset=reply_charset,
             latency_s=latency,
             record_path=record,
             duplicate_window_s=duplicate_window,

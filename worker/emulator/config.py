@@ -4,6 +4,7 @@ its whole gateway in one place and the command line maps onto it option for opti
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -45,7 +46,12 @@ class EmulatorConfig(BaseModel):
     )
     undeliverable: frozenset[str] = Field(frozenset(), description="recipients that get error 8")
     duplicate_window_s: float = Field(60.0, gt=0)
-    identical_copies: int = Field(2, ge=1, description="identical requests allowed per window")
+    identical_copies: int = Field(
+        1,
+        ge=1,
+        description="identical requests allowed per window (the seed's error table: one a "
+        "minute; its prose: two)",
+    )
     streak_limit: int = Field(50, ge=1, description="messages per subscriber streak")
     streak_gap_s: float = Field(120.0, gt=0, description="a gap this long ends a streak")
     block_after_errors: int | None = Field(
@@ -62,6 +68,12 @@ class EmulatorConfig(BaseModel):
         "server (Dovecot), for the worker's IMAP reply source",
     )
     reply_from: str = DEFAULT_GATEWAY_ADDRESS
+    reply_charset: Literal["utf-8", "cp1251", "koi8-r"] = Field(
+        "utf-8",
+        description="utf-8: English descriptions, charset declared; cp1251 or koi8-r: "
+        "Russian descriptions (and a Russian line under OK) in that charset, with no charset "
+        "declared, as NOTES.md warns real replies may come",
+    )
     latency_s: float = Field(0.0, ge=0, description="delay before answering DATA")
     record_path: Path | None = Field(None, description="deliveries appended as JSON lines")
 

@@ -21,7 +21,11 @@ RETRY_DELAYS_S = (0.1, 0.3, 1.0, 2.0)
 SEND_TIMEOUT_S = 10.0
 
 
-def build_reply(reply_from: str, to: str, body: str, in_reply_to: str | None) -> EmailMessage:
+def build_reply(
+    reply_from: str, to: str, body: str, in_reply_to: str | None, charset: str = "utf-8"
+) -> EmailMessage:
+    """A reply e-mail; in any charset but utf-8 the body is 8bit bytes under a bare
+    `text/plain`, no charset named, as some gateways send them."""
     message = EmailMessage()
     message["From"] = reply_from
     message["To"] = to
@@ -32,7 +36,10 @@ def build_reply(reply_from: str, to: str, body: str, in_reply_to: str | None) ->
     if in_reply_to:
         message["In-Reply-To"] = in_reply_to
         message["References"] = in_reply_to
-    message.set_content(body, charset="utf-8")
+    if charset == "utf-8":
+        message.set_content(body, charset="utf-8")
+    else:
+        message.set_content(body.encode(charset), "text", "plain", cte="8bit")
     return message
 
 
@@ -42,16 +49,19 @@ def _lmtp_send(host: str, port: int, sender: str, to: str, message: EmailMessage
 
 
 class ReplyRelay:
-    def __init__(self, host: str, port: int, reply_from: str, *, lmtp: bool = False) -> None:
+    def __init__(
+        self, host: str, port: int, reply_from: str, charset: str = "utf-8", *, lmtp: bool = False
+    ) -> None:
         self._lmtp = lmtp
         self._host = host
         self._port = port
         self._reply_from = reply_from
+        self._charset = charset
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def send(self, to: str, body: str, in_reply_to: str | None) -> None:
-        message = build_reply(self._reply_from, to, body, in_reply_to)
+        message = build_reply(self._reply_from, to, body, in_reply_to, self._charset)
         task = asyncio.get_running_loop().create_task(self._deliver(message, to))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -47,13 +47,14 @@ from worker.protocol.fields import (
     MAX_TZ,
     MIN_TZ,
     Format,
+    Translit,
     check_mail_id,
     check_sender,
     is_valid_time,
 )
 from worker.protocol.recipients import Recipient, parse_recipient
 from worker.protocol.replies import DESCRIPTIONS, Accepted, GatewayError, Rejected, Reply
-from worker.protocol.segments import count_segments
+from worker.protocol.segments import sms_parts
 
 from .config import EmulatorConfig
 
@@ -67,6 +68,21 @@ _CHANNEL_PREFIXES = {
 }
 _CHANNEL_TEXTS = {"__PING__": Format.ping, "__HLR__": Format.hlr}
 _TEXTLESS_FORMATS = frozenset({Format.hlr, Format.ping})
+
+# The descriptions in Russian, for replies in cp1251 or koi8-r (`reply_charset`), and the
+# line under an OK answer in that mode, so that every reply carries Cyrillic bytes.
+RUSSIAN_DESCRIPTIONS: dict[GatewayError, str] = {
+    GatewayError.parameters: "ошибка в параметрах",
+    GatewayError.credentials: "неверный логин или пароль",
+    GatewayError.insufficient_funds: "недостаточно средств на счете Клиента",
+    GatewayError.ip_blocked: "IP-адрес временно заблокирован из-за частых ошибок в запросах",
+    GatewayError.date_format: "неверный формат даты",
+    GatewayError.message_denied: "Сообщение запрещено (по тексту или по имени отправителя)",
+    GatewayError.phone_format: "неверный формат номера телефона",
+    GatewayError.undeliverable: "сообщение на указанный номер не может быть доставлено",
+    GatewayError.duplicate_request: "более одного одинакового запроса в течение минуты",
+}
+ACCEPTED_RU = "Сообщения приняты к отправке."
 _TZ = re.compile(r"[+-]?\d{1,2}")
 
 
@@ -111,12 +127,22 @@ class _Refusal(Exception):
 @dataclass(frozen=True, slots=True)
 class _Line:
     format: Format
+    translit: Translit
     recipients: tuple[Recipient, ...]
     text: str
 
     @property
+    def parts_each(self) -> int:
+        """What one recipient costs: the worker's own count where it has one; where the seed
+        does not say (not an SMS), this emulator charges one part, which the worker, having
+        no count of its own there, does not compare."""
+        parts = sms_parts(self.text, self.format, self.translit)
+        return 1 if parts is None else parts
+
+    @property
     def parts(self) -> int:
-        return count_segments(self.text).parts * len(self.recipients)
+        # A G<n> group counts as one recipient here: the emulator keeps no group members.
+        return self.parts_each * len(self.recipients)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +204,9 @@ class Gateway:
         self._streaks: dict[str, _Streak] = {}
         self._errors_by_ip: dict[str, deque[float]] = {}
         self._blocked_until: dict[str, float] = {}
+        self._descriptions = (
+            DESCRIPTIONS if config.reply_charset == "utf-8" else RUSSIAN_DESCRIPTIONS
+        )
 
     @property
     def balance(self) -> int | None:
@@ -187,10 +216,10 @@ class Gateway:
         """Decide one e-mail from `peer` (an IP address) and update the limits' state."""
         now = self._clock()
         if self._blocked_until.get(peer, float("-inf")) > now:
-            return _rejection(GatewayError.ip_blocked, f"{peer} is blocked", None)
+            return self._rejection(GatewayError.ip_blocked, f"{peer} is blocked", None)
         if isinstance(body, MalformedMail):
             self._note_error(peer, now)
-            return _rejection(GatewayError.parameters, body.message, None)
+            return self._rejection(GatewayError.parameters, body.message, None)
         mail_id = body.mail_id or str(next(self._ids))
         try:
             request = self._check(body)
@@ -203,18 +232,25 @@ class Gateway:
                 )
         except _Refusal as refusal:
             self._note_error(peer, now)
-            return _rejection(refusal.error, refusal.reason, mail_id)
+            return self._rejection(refusal.error, refusal.reason, mail_id)
         for identity in copies:
             self._copies.setdefault(identity, deque()).append(now)
-        deliveries, floods = self._deliver(request, mail_id, now)
+        deliveries, floods, charged = self._deliver(request, mail_id, now)
         if self._balance is not None:
-            self._balance -= sum(count_segments(d.text).parts for d in deliveries)
+            self._balance -= charged
         return Verdict(
             reply=Accepted(sms_count=cost, mail_id=mail_id),
             reason="accepted",
             reply_wanted=request.test == 1,
             deliveries=tuple(deliveries),
             floods=tuple(floods),
+        )
+
+    def _rejection(self, error: GatewayError, reason: str, mail_id: str | None) -> Verdict:
+        return Verdict(
+            reply=Rejected(error=error, description=self._descriptions[error], mail_id=mail_id),
+            reason=reason,
+            reply_wanted=True,
         )
 
     def _check(self, body: DecodedBody) -> _Request:
@@ -224,7 +260,7 @@ class Gateway:
                 check_mail_id(body.mail_id)
             except InvalidRequest as exc:
                 raise _Refusal(GatewayError.parameters, exc.message) from None
-        _small_int("translit", body.translit, 2)
+        translit = Translit(_small_int("translit", body.translit, 2))
         fmt = Format(_small_int("format", body.format, int(max(Format))))
         test = _small_int("test", body.test, 2)
         try:
@@ -237,7 +273,7 @@ class Gateway:
         if not is_valid_time(body.time) or not _valid_tz(body.tz):
             raise _Refusal(GatewayError.date_format, f"time {body.time!r}, tz {body.tz!r}")
         lines = tuple(
-            _Line(channel, self._recipients(line.phones, channel), text)
+            _Line(channel, translit, self._recipients(line.phones, channel), text)
             for line, channel, text in channels
         )
         self._check_denied(body.sender, lines)
@@ -322,14 +358,17 @@ class Gateway:
 
     def _deliver(
         self, request: _Request, mail_id: str, now: float
-    ) -> tuple[list[Delivery], list[Flood]]:
+    ) -> tuple[list[Delivery], list[Flood], int]:
+        """The deliveries, the messages held back, and the parts the deliveries cost."""
         deliveries: list[Delivery] = []
         floods: list[Flood] = []
+        charged = 0
         for line in request.lines:
             for recipient in line.recipients:
                 if self._extend_streak(recipient.key, now) > self._config.streak_limit:
                     floods.append(Flood(recipient.wire, line.text, mail_id))
                     continue
+                charged += line.parts_each
                 deliveries.append(
                     Delivery(
                         mail_id=mail_id,
@@ -341,7 +380,7 @@ class Gateway:
                         accepted_at=now,
                     )
                 )
-        return deliveries, floods
+        return deliveries, floods, charged
 
     def _extend_streak(self, key: str, now: float) -> int:
         streak = self._streaks.get(key)
@@ -362,11 +401,3 @@ class Gateway:
         if len(errors) >= threshold:
             self._blocked_until[peer] = now + self._config.block_for_s
             errors.clear()
-
-
-def _rejection(error: GatewayError, reason: str, mail_id: str | None) -> Verdict:
-    return Verdict(
-        reply=Rejected(error=error, description=DESCRIPTIONS[error], mail_id=mail_id),
-        reason=reason,
-        reply_wanted=True,
-    )

@@ -27,14 +27,14 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from worker.protocol.decode import DecodedBody, MalformedMail, decode_mail
 from worker.protocol.mail import MAX_MAIL_BYTES
-from worker.protocol.replies import Rejected, render_reply
+from worker.protocol.replies import Accepted, Rejected, render_reply
 from worker.smtp_server import bound_port, serve_smtp
 
 from .config import EmulatorConfig
 from .faults import Faults
 from .records import DeliveryLog, MailRecord
 from .relay import ReplyRelay
-from .rules import Clock, Delivery, Flood, Gateway, recipient_key
+from .rules import ACCEPTED_RU, Clock, Delivery, Flood, Gateway, recipient_key
 from .waiting import Signal
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,10 @@ class Emulator:
         self._handler = _Handler(self)
         self._relay = (
             ReplyRelay(
-                *self.config.reply_relay, self.config.reply_from, lmtp=self.config.reply_lmtp
+                *self.config.reply_relay,
+                self.config.reply_from,
+                self.config.reply_charset,
+                lmtp=self.config.reply_lmtp,
             )
             if self.config.reply_relay
             else None
@@ -230,6 +233,8 @@ class Emulator:
             body, from_header, message_id = decoded.body, decoded.mail_from, decoded.message_id
         verdict = self._gateway.judge(body, peer)
         answer = render_reply(verdict.reply)
+        if self.config.reply_charset != "utf-8" and isinstance(verdict.reply, Accepted):
+            answer += "\n" + ACCEPTED_RU
         reply_to = parseaddr(from_header)[1] or str(envelope.mail_from or "")
         reply_text = None
         if verdict.reply_wanted and self._relay is not None and "@" in reply_to:

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 from worker.contract import MetadataValue
 from worker.delivery import RequestCopy
 from worker.errors import RetryableError
+from worker.lanes import Lane
+from worker.settings import LimitSettings
 
 
 class StateUnavailable(RetryableError, ConnectionError):
@@ -73,12 +75,13 @@ class CarriedRequest:
 
     request_id: str
     recipients: tuple[str, ...]
-    sms_parts: int
+    sms_parts: int | None
     attempt: int
     first_seen: float
     metadata: dict[str, MetadataValue]
     copy: RequestCopy
     content_key: str = ""
+    lane: Lane = Lane.normal
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +93,7 @@ class CarriedRequest:
             "metadata": self.metadata,
             "copy": self.copy.to_json(),
             "content_key": self.content_key,
+            "lane": self.lane.value,
         }
 
     @classmethod
@@ -103,6 +107,7 @@ class CarriedRequest:
             metadata=dict(data["metadata"]),
             copy=RequestCopy.from_json(data["copy"]),
             content_key=data["content_key"],
+            lane=Lane(data.get("lane", Lane.normal)),
         )
 
 
@@ -111,12 +116,20 @@ class MailRecord:
     mail_id: str
     requests: tuple[CarriedRequest, ...]
     submitted_at: float
+    # What the account's parts pace counts for the e-mail (PreparedRequest.pace_parts).
     sms_parts: int = 0
     # The submission span's context as W3C trace headers, for the reply's span to link to.
     trace: Mapping[str, str] = field(default_factory=dict)
     # The SMTP session broke after the data went out, or the process sending it died: only
     # a reply can tell what happened.
     outcome_unknown: bool = False
+    # The split its requests travel in (`worker.fate.Split.group`), or "".
+    group: str = ""
+
+    @property
+    def urgent(self) -> bool:
+        """A high-priority e-mail (its requests share their lane)."""
+        return bool(self.requests) and self.requests[0].lane == Lane.high
 
     def dumps(self) -> str:
         return json.dumps(
@@ -127,6 +140,7 @@ class MailRecord:
                 "sms_parts": self.sms_parts,
                 "trace": dict(self.trace),
                 "outcome_unknown": self.outcome_unknown,
+                "group": self.group,
             },
             separators=(",", ":"),
         )
@@ -141,6 +155,8 @@ class MailRecord:
             sms_parts=data["sms_parts"],
             trace=data["trace"],
             outcome_unknown=data["outcome_unknown"],
+            # Records written before splits were recorded have none.
+            group=data.get("group", ""),
         )
 
 
@@ -182,6 +198,30 @@ class Finish:
     replied: Sequence[str] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class SplitNotes:
+    """What the ledger knows of a split (`worker.fate.Split`) once one of its e-mails
+    failed: how many of its e-mails failed and got through so far, on any replica, and
+    whether its budget had room for two more e-mails (taken if so)."""
+
+    failed: int = 1
+    succeeded: int = 0
+    granted: bool = True
+
+
+def pace_depth(limits: LimitSettings, urgent: bool) -> float:
+    """How much of the pace's one-second burst an e-mail may fill: normal and bulk e-mails
+    leave `high_share` of it free at all times, so a high-priority e-mail never waits
+    behind them, while they may still use the whole rate when nothing urgent comes."""
+    return 1.0 if urgent else 1 - limits.high_share
+
+
+def high_rate_share(limits: LimitSettings) -> float:
+    """The share of the pace high-priority e-mails may use over time: they leave
+    `others_floor` to the rest, so bulk never starves."""
+    return 1 - limits.others_floor
+
+
 class CircuitView(StrEnum):
     closed = "closed"
     open = "open"
@@ -209,7 +249,9 @@ class StateStore(Protocol):
     async def begin_sending(self, record: MailRecord) -> Gate:
         """Before DATA: if the account, the circuit and the pace allow an e-mail of
         `record.sms_parts` parts now and every request is still claimed by this process,
-        write the record and mark its requests `sending`, in one step."""
+        write the record and mark its requests `sending`, in one step. Normal and bulk
+        e-mails keep a part of the pace's burst free (`pace_depth`); high-priority ones
+        draw on a share of the rate too (`high_rate_share`)."""
 
     async def finish(self, finish: Finish) -> None: ...
 
@@ -218,6 +260,11 @@ class StateStore(Protocol):
         answered); MailBusy while another live replica handles a reply to it (until its
         `finish` or `give_back_mail`, or its death). A lease of this process's own is taken
         again: the caller keeps one reply per e-mail in hand at a time."""
+
+    async def knows_mail(self, mail_id: str) -> bool:
+        """Whether the e-mail's record is held (sent and not yet settled), by any replica:
+        a plain read that takes no lease, for telling a reply's mangled body ID from the ID
+        of another e-mail of this account."""
 
     async def give_back_mail(self, mail_id: str) -> None:
         """A reply could not be settled: its e-mail's record may be taken again."""
@@ -230,6 +277,14 @@ class StateStore(Protocol):
 
     async def unanswered(self, older_than: float) -> list[str]:
         """Ids of e-mails submitted before `older_than` (wall time) with no reply yet."""
+
+    async def note_split(
+        self, root: str, *, failed: bool, allowance: int, ttl: float
+    ) -> SplitNotes:
+        """An e-mail of the split that began with e-mail `root` was answered: count it, and
+        for a failure take two e-mails (its halves) while the split has sent at most
+        `allowance`, or without limit once one of its e-mails got through. Replicas share
+        the counts; the split is forgotten `ttl` seconds after its last answer."""
 
     async def open_circuit(self, reason: str, pause: float | None) -> float:
         """Pause all sending of the account; None doubles the last pause (capped)."""

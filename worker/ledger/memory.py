@@ -16,8 +16,11 @@ from worker.ledger import (
     GateKind,
     Intake,
     MailRecord,
+    SplitNotes,
     Verdict,
     VerdictKind,
+    high_rate_share,
+    pace_depth,
 )
 from worker.limits import CircuitRule, ContentWindow, Pace, SubscriberStreaks
 from worker.settings import LimitSettings, RetrySettings
@@ -30,6 +33,14 @@ class _Entry:
     at: float
     mail_id: str | None = None
     event: str | None = None
+
+
+@dataclass(slots=True)
+class _Split:
+    failed: int = 0
+    succeeded: int = 0
+    mails: int = 0
+    until: float = 0.0
 
 
 class MemoryStateStore:
@@ -46,6 +57,9 @@ class MemoryStateStore:
         self._streaks = SubscriberStreaks(limits.subscriber_streak, limits.subscriber_gap_s)
         self._mails_pace = Pace(limits.mails_per_second)
         self._parts_pace = Pace(limits.parts_per_second)
+        self._limits = limits
+        self._high_mails_pace = Pace(limits.mails_per_second * high_rate_share(limits))
+        self._high_parts_pace = Pace(limits.parts_per_second * high_rate_share(limits))
         self._circuit = CircuitRule(retry.circuit_base_s, retry.circuit_max_s)
         self._stopped: str | None = None
         self._admitted = 0
@@ -53,6 +67,7 @@ class MemoryStateStore:
         self._mails: dict[str, MailRecord] = {}
         self._taken: set[str] = set()
         self._replied: dict[str, float] = {}
+        self._splits: dict[str, _Split] = {}
 
     async def start(self) -> None:
         pass
@@ -131,11 +146,20 @@ class MemoryStateStore:
         )
         if lost:
             return Gate(GateKind.lost, lost=lost)
+        depth = pace_depth(self._limits, record.urgent)
         mails_pace, parts_pace = copy(self._mails_pace), copy(self._parts_pace)
-        wait = max(mails_pace.take(1, now), parts_pace.take(record.sms_parts, now))
+        high_mails, high_parts = copy(self._high_mails_pace), copy(self._high_parts_pace)
+        waits = [
+            mails_pace.take(1, now, depth),
+            parts_pace.take(record.sms_parts, now, depth),
+        ]
+        if record.urgent:
+            waits += [high_mails.take(1, now), high_parts.take(record.sms_parts, now)]
+        wait = max(waits)
         if wait > 0:
             return Gate(GateKind.wait, wait, "pace")
         self._circuit, self._mails_pace, self._parts_pace = circuit, mails_pace, parts_pace
+        self._high_mails_pace, self._high_parts_pace = high_mails, high_parts
         for carried in record.requests:
             entry = self._ledger[carried.request_id]
             self._set(carried.request_id, replace(entry, state="sending", mail_id=record.mail_id))
@@ -170,6 +194,9 @@ class MemoryStateStore:
             self._taken.add(mail_id)
         return record
 
+    async def knows_mail(self, mail_id: str) -> bool:
+        return mail_id in self._mails
+
     async def give_back_mail(self, mail_id: str) -> None:
         self._taken.discard(mail_id)
 
@@ -191,6 +218,22 @@ class MemoryStateStore:
             for r in self._mails.values()
             if r.submitted_at < older_than and r.mail_id not in self._taken
         ]
+
+    async def note_split(
+        self, root: str, *, failed: bool, allowance: int, ttl: float
+    ) -> SplitNotes:
+        now = self._clock()
+        for stale in [r for r, s in self._splits.items() if s.until <= now]:
+            del self._splits[stale]
+        split = self._splits.setdefault(root, _Split())
+        split.until = now + ttl
+        if not failed:
+            split.succeeded += 1
+            return SplitNotes(split.failed, split.succeeded, False)
+        split.failed += 1
+        granted = split.succeeded > 0 or split.mails + 2 <= allowance
+        split.mails += 2 if granted else 0
+        return SplitNotes(split.failed, split.succeeded, granted)
 
     async def open_circuit(self, reason: str, pause: float | None) -> float:
         return self._circuit.open(reason, pause, self._clock())

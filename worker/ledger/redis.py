@@ -17,6 +17,8 @@ account's keys in one slot, so the scripts work on Redis Cluster too:
 | `window:<content key>` | sorted set of admission times | `identical_window_s` |
 | `streak:<subscriber>` | hash: last, n | `subscriber_gap_s` |
 | `pace:mails`, `pace:parts` | GCRA theoretical arrival time | at most 2 s |
+| `pace:mails:high`, `pace:parts:high` | the same, the high lane's share of the rate | 2 s |
+| `split:<root mail id>` | hash: failed, ok, mails (a bad-line search) | `dedup_ttl_s` |
 | `circuit` | hash: open_until, pause, probe_until, reason | pause + 1 day |
 | `stopped` | why the account was stopped | 1 day |
 | `owner:<owner>` | this replica is alive | `owner_ttl_s` (heartbeat) |
@@ -57,9 +59,12 @@ from worker.ledger import (
     Intake,
     MailBusy,
     MailRecord,
+    SplitNotes,
     StateUnavailable,
     Verdict,
     VerdictKind,
+    high_rate_share,
+    pace_depth,
 )
 from worker.settings import Settings
 
@@ -85,6 +90,7 @@ _SCRIPTS = (
     "unanswered",
     "open_circuit",
     "circuit",
+    "split",
 )
 
 
@@ -347,6 +353,8 @@ class RedisStateStore:
             repr(limits.mails_per_second),
             repr(limits.parts_per_second),
             repr(float(record.sms_parts)),
+            repr(pace_depth(limits, record.urgent)),
+            repr(high_rate_share(limits)) if record.urgent else "",
             len(ids),
             *ids,
         )
@@ -371,6 +379,9 @@ class RedisStateStore:
             raise MailBusy(f"the reply to e-mail {mail_id} is being handled by another replica")
         return _record(found)
 
+    async def knows_mail(self, mail_id: str) -> bool:
+        return bool(await self._command("EXISTS", self._key("mail", mail_id)))
+
     async def give_back_mail(self, mail_id: str) -> None:
         await self._call("give_back", self.owner, mail_id)
 
@@ -382,6 +393,13 @@ class RedisStateStore:
 
     async def unanswered(self, older_than: float) -> list[str]:
         return list(await self._call("unanswered", repr(older_than)))
+
+    async def note_split(
+        self, root: str, *, failed: bool, allowance: int, ttl: float
+    ) -> SplitNotes:
+        outcome = "failed" if failed else "ok"
+        found = await self._call("split", root, outcome, allowance, _ms(ttl))
+        return SplitNotes(int(found[0]), int(found[1]), bool(found[2]))
 
     # -- the account ------------------------------------------------------------------
 

@@ -63,11 +63,62 @@ def split_phones(raw: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in raw.replace(";", ",").split(",") if p.strip())
 
 
+# One item of a phones field by its shape alone (whether it is valid for its line is the
+# reader's business): a phone number (an optional `+`, then digits with blanks, dashes,
+# dots, brackets), a group, a `#id`, an e-mail address. No two parts of the pattern can
+# take the same character, so a long hostile item is matched in linear time.
+_RECIPIENT_SHAPE = re.compile(
+    r"\+?[\s().-]*\d[\d\s().-]*|G\d+|#[A-Za-z0-9_.@-]+|[^\s@,;:]+@[^\s@,;:]+"
+)
+_ITEM_END = re.compile(r"[,;:]")
+
+
+def recipient_shaped(item: str) -> bool:
+    """Whether `item` (text up to a `,`, `;` or `:`) can stand in a phones field."""
+    return _RECIPIENT_SHAPE.fullmatch(item.strip()) is not None
+
+
+def first_item(text: str, start: int = 0) -> str:
+    """The text from `start` up to its next `,`, `;` or `:`."""
+    end = _ITEM_END.search(text, start)
+    return text[start : len(text) if end is None else end.start()]
+
+
+def _separator(raw: str) -> int:
+    """Where a list line's phones end: the index of the `:` or `;` between them and the
+    message, or -1 when there is none.
+
+    NOTES.md: the seed allows `;` as well as `:` there, and `;` also separates phones. The
+    phones never hold `:`, so the separator is at or before the first `:`; the message may
+    hold anything. Read left to right, the phones run on as long as what follows each `;`
+    looks like a recipient:
+    - the first `;` followed by something that cannot be a recipient (text, or nothing:
+      `79161234567;Time: 10:00`, `79161234567;` for an empty HLR text) is the separator;
+    - otherwise the first `:` is (`79161234567;79161234568:hi` has two recipients);
+    - with no `:` and every item recipient-shaped, the last `;` is (`7916...;12345` sends
+      "12345"), since a message is never empty of its own accord and phones come first.
+    Where both readings are possible (a message that begins with a number and a `:`, sent
+    with `;`), the phones win: a wrong number draws error 7 for the e-mail, which the
+    sender sees, where a misread text would be delivered changed without a word.
+    """
+    colon = raw.find(":")
+    head = raw if colon < 0 else raw[:colon]
+    semicolons = [i for i, c in enumerate(head) if c == ";"]
+    for i in semicolons:
+        if not recipient_shaped(first_item(raw, i + 1)):
+            return i
+    if colon >= 0:
+        return colon
+    return semicolons[-1] if semicolons else -1
+
+
 def _split_line(raw: str) -> DecodedLine:
-    phones, sep, text = raw.partition(":")
-    if not sep:
-        raise MalformedMail(f"list line without ':' between recipients and text: {raw[:40]!r}")
-    return DecodedLine(split_phones(phones), unescape_text(text))
+    at = _separator(raw)
+    if at < 0:
+        raise MalformedMail(
+            f"list line without ':' or ';' between recipients and text: {raw[:40]!r}"
+        )
+    return DecodedLine(split_phones(raw[:at]), unescape_text(raw[at + 1 :]))
 
 
 def decode_body(text: str) -> DecodedBody:

@@ -14,6 +14,7 @@ international one with `+` (so no auto-correction can turn it into a national nu
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -133,3 +134,13 @@ def parse_recipients(
     if not seen:
         raise InvalidRequest("at least one recipient is required", code="invalid_recipient")
     return tuple(seen.values())
+
+
+def sms_count(sms_parts: int | None, wires: Iterable[str]) -> int | None:
+    """Parts times recipients for recipients as written in the e-mail, or None when unknown:
+    the parts are unknown, or a `G<n>` group is among them, whose size only the gateway
+    knows (counting it as one would understate the cost)."""
+    wires = tuple(wires)
+    if sms_parts is None or any(_GROUP.fullmatch(w) for w in wires):
+        return None
+    return sms_parts * len(wires)

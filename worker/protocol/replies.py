@@ -39,12 +39,13 @@ class Action(StrEnum):
 
 
 ERROR_ACTIONS: dict[GatewayError, Action] = {
-    GatewayError.parameters: Action.fail,
+    # One line can cause 1 and 6 as well as 7 and 8 (an empty text, a denied word).
+    GatewayError.parameters: Action.find_bad_line,
     GatewayError.credentials: Action.stop_account,
     GatewayError.insufficient_funds: Action.pause_account,
     GatewayError.ip_blocked: Action.back_off,
     GatewayError.date_format: Action.fail,
-    GatewayError.message_denied: Action.fail,
+    GatewayError.message_denied: Action.find_bad_line,
     GatewayError.phone_format: Action.find_bad_line,
     GatewayError.undeliverable: Action.find_bad_line,
     GatewayError.duplicate_request: Action.retry_after_window,

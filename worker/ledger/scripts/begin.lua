@@ -1,13 +1,16 @@
 -- Before DATA (see StateStore.begin_sending): the account, the circuit, the claims, the
 -- pace; then the record and the `sending` marks, or nothing at all.
 -- ARGV[A..]: owner, mail id, record (JSON), submitted_at, record ttl ms, dedup_ttl ms,
---   mails_per_second, parts_per_second, sms parts, request count, the request ids.
+--   mails_per_second, parts_per_second, sms parts, how deep into the pace's burst the
+--   e-mail may go, the share of the rate a high-priority e-mail may use ('' for the
+--   others), request count, the request ids.
 -- Result: {kind, wait, reason, lost ids, probe ('1'/'0')}.
 local owner, mail_id, record, submitted_at = ARGV[A], ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
 local record_ms, dedup_ms = tonumber(ARGV[A + 4]), tonumber(ARGV[A + 5])
 local mails_rate, parts_rate = tonumber(ARGV[A + 6]), tonumber(ARGV[A + 7])
 local parts = tonumber(ARGV[A + 8])
-local first, last = A + 10, A + 9 + tonumber(ARGV[A + 9])
+local depth, high_share = tonumber(ARGV[A + 9]), ARGV[A + 10]
+local first, last = A + 12, A + 11 + tonumber(ARGV[A + 11])
 
 local function result(kind, wait, reason, lost, probe)
   return {GEN, GEN_SEEN, {kind, fmt(wait), reason, lost, probe}}
@@ -44,24 +47,37 @@ if #lost > 0 then
   return result('lost', 0, '', lost, '0')
 end
 
--- GCRA, as worker.limits.Pace: `rate` units per second, a burst of one second's worth.
-local function pace(cell, rate, cost)
+-- GCRA, as worker.limits.Pace: `rate` units per second, a burst of one second's worth,
+-- of which `depth` may be filled.
+local function pace(cell, rate, cost, depth)
   cost = math.min(cost, rate)
   local tat = math.max(tonumber(redis.call('GET', cell) or '0'), NOW)
-  local allow_at = tat + cost / rate - 1.0
+  local allow_at = tat + math.min(cost, rate * depth) / rate - depth
   if allow_at > NOW then
     return allow_at - NOW, tat
   end
   return 0, tat + cost / rate
 end
-local mails_cell, parts_cell = key('pace', 'mails'), key('pace', 'parts')
-local mails_wait, mails_tat = pace(mails_cell, mails_rate, 1)
-local parts_wait, parts_tat = pace(parts_cell, parts_rate, parts)
-if mails_wait > 0 or parts_wait > 0 then
-  return result('wait', math.max(mails_wait, parts_wait), 'pace', {}, '0')
+-- The account's pace, and for a high-priority e-mail the share of it its lane may use.
+local cells = {
+  {key('pace', 'mails'), mails_rate, 1, depth},
+  {key('pace', 'parts'), parts_rate, parts, depth},
+}
+if high_share ~= '' then
+  cells[3] = {key('pace', 'mails:high'), mails_rate * tonumber(high_share), 1, 1}
+  cells[4] = {key('pace', 'parts:high'), parts_rate * tonumber(high_share), parts, 1}
 end
-redis.call('SET', mails_cell, fmt(mails_tat), 'PX', ms(mails_tat - NOW + 1))
-redis.call('SET', parts_cell, fmt(parts_tat), 'PX', ms(parts_tat - NOW + 1))
+local wait, tats = 0, {}
+for i, cell in ipairs(cells) do
+  local w, tat = pace(cell[1], cell[2], cell[3], cell[4])
+  wait, tats[i] = math.max(wait, w), tat
+end
+if wait > 0 then
+  return result('wait', wait, 'pace', {}, '0')
+end
+for i, cell in ipairs(cells) do
+  redis.call('SET', cell[1], fmt(tats[i]), 'PX', ms(tats[i] - NOW + 1))
+end
 
 if probe then
   local pause = tonumber(circuit[3])
