@@ -13,57 +13,60 @@ from tests.conftest import collecting, gateway_and_worker, phone
 from worker.contract import SendRequest, Status
 from worker.errors import InvalidRequest
 from worker.prepare import TEXTLESS_FORMATS, prepare
-from worker.protocol.fields import Format
+from worker.protocol.fields import Channel
 from worker.settings import AmqpSettings, GatewaySettings
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 GATEWAY = GatewaySettings()
 
 
-def request(text: str, channel: Format | None) -> SendRequest:
-    email = channel is Format.email
+def request(text: str, channel: Channel | None) -> SendRequest:
+    email = channel is Channel.email
     return SendRequest.model_validate(
         {
             "request_id": "r1",
             "to": "a@example.com" if email else "+79161234567",
             "text": text,
-            "channel": channel.name if channel else None,
+            "channel": channel,
             **({"subject": "s", "sender": "me@shop.example"} if email else {}),
-            **({"voice": "m"} if channel is Format.voice else {}),
+            **({"voice": "m"} if channel is Channel.voice else {}),
         }
     )
 
 
-@pytest.mark.parametrize("channel", [Format.hlr, Format.ping])
-def test_hlr_and_ping_take_an_empty_text(channel: Format) -> None:
-    prepared = prepare(request("", channel), GATEWAY, Format.sms, NOW)
+@pytest.mark.parametrize("channel", [Channel.hlr, Channel.ping])
+def test_hlr_and_ping_take_an_empty_text(channel: Channel) -> None:
+    prepared = prepare(request("", channel), GATEWAY, Channel.sms, NOW)
     assert prepared.line.text == ""
 
 
-@pytest.mark.parametrize("channel", [None, Format.sms, Format.flash, Format.viber, Format.email])
-def test_an_empty_text_is_refused_elsewhere(channel: Format | None) -> None:
+@pytest.mark.parametrize(
+    "channel", [None, Channel.sms, Channel.flash, Channel.viber, Channel.email, Channel.telegram]
+)
+def test_an_empty_text_is_refused_elsewhere(channel: Channel | None) -> None:
     with pytest.raises(InvalidRequest) as info:
-        prepare(request("", channel), GATEWAY, Format.sms, NOW)
+        prepare(request("", channel), GATEWAY, Channel.sms, NOW)
     assert info.value.code == "empty_text"
     assert "hlr and ping" in info.value.message
+    assert f"this request's channel: {(channel or Channel.sms).value}" in info.value.message
 
 
 def test_the_default_channel_decides_too() -> None:
-    assert prepare(request("", None), GATEWAY, Format.ping, NOW).line.text == ""
+    assert prepare(request("", None), GATEWAY, Channel.ping, NOW).line.text == ""
     with pytest.raises(InvalidRequest):
-        prepare(request("", None), GATEWAY, Format.sms, NOW)
+        prepare(request("", None), GATEWAY, Channel.sms, NOW)
 
 
-@given(st.sampled_from(list(Format)))
-def test_empty_text_is_refused_exactly_outside_hlr_and_ping(fmt: Format) -> None:
+@given(st.sampled_from(list(Channel)))
+def test_empty_text_is_refused_exactly_outside_hlr_and_ping(channel: Channel) -> None:
     try:
-        prepare(request("", fmt), GATEWAY, Format.sms, NOW)
+        prepare(request("", channel), GATEWAY, Channel.sms, NOW)
     except InvalidRequest as exc:
         if exc.code == "empty_text":
-            assert fmt not in TEXTLESS_FORMATS
+            assert channel.gateway_format not in TEXTLESS_FORMATS
             return
-        raise AssertionError(f"{fmt.name}: {exc.code}") from exc
-    assert fmt in TEXTLESS_FORMATS
+        raise AssertionError(f"{channel.value}: {exc.code}") from exc
+    assert channel.gateway_format in TEXTLESS_FORMATS
 
 
 async def test_an_empty_text_is_rejected_and_its_neighbours_delivered(

@@ -231,16 +231,96 @@ def test_bad_recipients_are_7_with_id(recipient: str) -> None:
 def test_recipients_valid_for_their_format() -> None:
     gateway, _ = make()
     assert sms_count(judge(gateway, "demo:demo:1::,,,1:G12:to a group")) == 1
-    assert sms_count(judge(gateway, "demo:demo:2::,10,,1:#user_1:viber id")) == 1
-    assert error_of(judge(gateway, f"demo:demo:3::,8,,1:{PHONE}:x\nsubj:s")) == 7
+    assert sms_count(judge(gateway, f"demo:demo:2::,10,,1:{PHONE}:viber")) == 1
+    assert error_of(judge(gateway, f"demo:demo:3::,8,me@example.org,1:{PHONE}:x\nsubj:s")) == 7
+
+
+@pytest.mark.parametrize("fmt", [0, 1, 9, 10, 11, 12])
+@pytest.mark.parametrize("recipient", ["#42", "@shop_bot", "#user_1"])
+def test_ids_and_nicknames_are_7_outside_a_telegram_line(fmt: int, recipient: str) -> None:
+    gateway, _ = make()
+    verdict = judge(gateway, f"demo:demo:41::,{fmt},,1::{PHONE}:ok\n{recipient}:hi")
+    assert error_of(verdict) == 7
+
+
+def test_a_bot_line_goes_to_telegram_by_id_nickname_or_phone() -> None:
+    gateway, _ = make()
+    verdict = judge(
+        gateway, f"demo:demo:51::,0,Shop,1::#42,@Shop_Bot:__BOT__:hello: you\n{PHONE}:__BOT__:hi"
+    )
+    assert sms_count(verdict) == 3
+    assert [(d.phone, d.recipient, d.text, d.format, d.telegram) for d in verdict.deliveries] == [
+        ("#42", "#42", "hello: you", 0, True),
+        ("@Shop_Bot", "@shop_bot", "hello: you", 0, True),
+        (PHONE, f"+{PHONE}", "hi", 0, True),
+    ]
+    # Not every line of an e-mail need be a Telegram one: the prefix decides per line.
+    mixed = judge(gateway, f"demo:demo:52::,0,,1::{PHONE}:plain\n#42:__BOT__:bot")
+    assert [(d.phone, d.telegram) for d in mixed.deliveries] == [(PHONE, False), ("#42", True)]
+
+
+@pytest.mark.parametrize("recipient", ["#", "#12a", "@abc", "@bad-nick", "a@b.cc", "hello"])
+def test_a_bot_line_refuses_what_is_not_a_telegram_recipient_with_7(recipient: str) -> None:
+    gateway, _ = make()
+    assert error_of(judge(gateway, f"demo:demo:61::,0,,1:{recipient}:__BOT__:hi")) == 7
+
+
+def test_a_bot_line_still_needs_a_text() -> None:
+    gateway, _ = make()
+    assert error_of(judge(gateway, "demo:demo:62::,0,,1:#42:__BOT__:")) == 1
+
+
+def test_telegram_and_sms_copies_are_different_requests() -> None:
+    gateway, _ = make(identical_copies=1)
+    assert sms_count(judge(gateway, f"demo:demo:71::,0,,1:{PHONE}:same")) == 1
+    assert sms_count(judge(gateway, f"demo:demo:72::,0,,1:{PHONE}:__BOT__:same")) == 1
+    assert error_of(judge(gateway, f"demo:demo:73::,0,,1:{PHONE}:__BOT__:same")) == 9
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "demo:demo:81::,8,,1:a@example.com:no sender\nsubj:S",
+        "demo:demo:82::,8,Shop,1:a@example.com:a sender name\nsubj:S",
+        "demo:demo:83::,0,Shop,1::a@example.com:__MAIL__:a mail line\nsubj:S",
+    ],
+)
+def test_an_email_line_without_the_senders_address_is_1(body: str) -> None:
+    gateway, _ = make()
+    verdict = judge(gateway, body)
+    assert error_of(verdict) == 1
+    assert "sender's e-mail address" in verdict.reason
+
+
+def test_an_email_line_with_the_senders_address_is_delivered() -> None:
+    gateway, _ = make()
+    mail = judge(gateway, "demo:demo:84::,8,me@example.org,1:a@example.com:hi\nsubj:S")
+    assert [(d.phone, d.format, d.sender) for d in mail.deliveries] == [
+        ("a@example.com", 8, "me@example.org")
+    ]
+
+
+def test_a_voice_lines_call_parameters_are_read_apart_from_its_text() -> None:
+    gateway, _ = make()
+    verdict = judge(
+        gateway, f"demo:demo:91::,9,,1::{PHONE}:hello\\n~~~\\n10,20,3\n{OTHER}:plain\nvoice:w"
+    )
+    assert [(d.phone, d.text, d.voice_params) for d in verdict.deliveries] == [
+        (PHONE, "hello", "10,20,3"),
+        (OTHER, "plain", None),
+    ]
+    assert sms_count(verdict) == 2
+    # Elsewhere the mark is just text.
+    sms = judge(gateway, f"demo:demo:92::,0,,1:{PHONE}:hello\\n~~~\\nx")
+    assert [(d.text, d.voice_params) for d in sms.deliveries] == [("hello\n~~~\nx", None)]
 
 
 def test_channel_prefix_switches_the_line_format() -> None:
     gateway, _ = make()
-    verdict = judge(gateway, f"demo:demo:1::,0,,1::{PHONE}:plain\n#user:__VIBER__:in viber")
+    verdict = judge(gateway, f"demo:demo:1::,0,,1::{PHONE}:plain\n{OTHER}:__VIBER__:in viber")
     assert [(d.phone, d.format, d.text) for d in verdict.deliveries] == [
         (PHONE, 0, "plain"),
-        ("#user", 10, "in viber"),
+        (OTHER, 10, "in viber"),
     ]
     hlr = judge(gateway, f"demo:demo:2::,0,,1:{PHONE}:__HLR__")
     assert [(d.format, d.text) for d in hlr.deliveries] == [(3, "")]

@@ -125,13 +125,16 @@ settings:
   gateway:
     login: acme
     text_tags: true
+    default_senders:
+      email: noreply@shop.example
+      telegram: Shop
   smtp:
     username: acme
     security: starttls
     port: 587
   amqp:
     prefetch: 1000000
-  default_channel: 1
+  default_channel: telegram
   state:
     key_prefix: smsc-prod
     timeout_s: 0.5
@@ -652,7 +655,8 @@ def test_rendered_configuration_loads_in_the_worker(
     assert (settings.gateway.login, settings.gateway.text_tags) == ("acme", True)
     assert settings.amqp.prefetch == 1_000_000
     assert settings.observability.drain_timeout_s == 90.5
-    assert int(settings.default_channel) == 1
+    assert settings.default_channel == "telegram"
+    assert settings.gateway.default_senders == {"email": "noreply@shop.example", "telegram": "Shop"}
     assert settings.reply.token_key.get_secret_value() == "t0ken-key-2026"
     assert settings.reply.token_keys_old.get_secret_value() == "t0ken-key-2024,t0ken-key-2025"
     assert settings.reply.allowed_networks == "203.0.113.0/24,2001:db8::/32"
@@ -671,11 +675,16 @@ def _settings_fields() -> dict[str, Any]:
 
     def field(prop: dict[str, Any]) -> dict[str, Any]:
         resolved = resolve(prop)
-        if resolved.get("type") == "object":  # a group within a group (reply.imap)
+        if "properties" in resolved:  # a group within a group (reply.imap)
             return {
                 f: field(p) for f, p in resolved["properties"].items() if not p.get("writeOnly")
             }
-        return {k: resolved[k] for k in kept if k in resolved}
+        found = {k: resolved[k] for k in kept if k in resolved}
+        # A mapping setting: the schema of its keys and of its values (types only).
+        for part in ("additionalProperties", "propertyNames"):
+            if isinstance(resolved.get(part), dict):
+                found[part] = {k: v for k, v in field(resolved[part]).items() if k != "description"}
+        return found
 
     fields: dict[str, Any] = {}
     for name, prop in full["properties"].items():
@@ -695,7 +704,9 @@ def test_settings_schema_matches_the_worker() -> None:
     or changed in the chart's schema too."""
 
     def fields(node: dict[str, Any]) -> dict[str, Any]:
-        if node.get("type") != "object":
+        # A group's settings, a group within a group's too; a mapping setting (an object
+        # with no properties) is one setting.
+        if "properties" not in node:
             return node
         return {name: fields(child) for name, child in node["properties"].items()}
 

@@ -138,6 +138,7 @@ BOUNDS = {
     "sender": ({"sender": "s" * 255}, "invalid_schema"),
     "subject": ({"channel": "email", "to": "a@b.cc", "subject": "s" * 256}, "invalid_schema"),
     "voice": ({"channel": "voice", "voice": "v" * 33}, "invalid_schema"),
+    "voice_params": ({"channel": "voice", "voice_params": "p" * 65}, "invalid_schema"),
     "metadata-keys": ({"metadata": {str(n): n for n in range(17)}}, "invalid_schema"),
     "metadata-key": ({"metadata": {"k" * 65: 1}}, "invalid_schema"),
     "metadata-value": ({"metadata": {"k": "v" * 257}}, "invalid_schema"),
@@ -162,6 +163,8 @@ def test_the_schema_states_every_bound() -> None:
     ]
     for name, bound in (("sender", 254), ("subject", 255), ("voice", 32)):
         assert {"maxLength": bound, "type": "string"} in props[name]["anyOf"]
+    [voice_params, _] = props["voice_params"]["anyOf"]
+    assert (voice_params["maxLength"], voice_params["pattern"]) == (64, "^[A-Za-z0-9,.=_+-]+$")
 
 
 def test_a_body_over_the_limit_is_rejected_unread() -> None:
@@ -314,17 +317,22 @@ REQUEST_ID = st.one_of(
     st.integers(),
 )
 TO_ITEM = st.one_of(
-    st.sampled_from([TO, "79161234567", "G12", "#user", "a@b.cc", "+7 (916) 123-45-67"]),
+    st.sampled_from(
+        [TO, "79161234567", "G12", "#user", "#42", "@shop_bot", "a@b.cc", "+7 (916) 123-45-67"]
+    ),
     HOSTILE_TEXT,
 )
 REQUEST = st.fixed_dictionaries(
     {"request_id": REQUEST_ID, "to": st.one_of(TO_ITEM, st.lists(TO_ITEM, max_size=5))},
     optional={
         "text": HOSTILE_TEXT,
-        "channel": st.sampled_from(["sms", "email", "voice", "viber", "hlr", "nope", None]),
+        "channel": st.sampled_from(
+            ["sms", "email", "voice", "viber", "hlr", "telegram", "binary", "mms", "nope", None]
+        ),
         "sender": st.one_of(st.sampled_from(["Shop", "a@b.cc", "123456"]), HOSTILE_TEXT),
         "subject": HOSTILE_TEXT,
         "voice": HOSTILE_TEXT,
+        "voice_params": st.one_of(st.just("10,20,3"), HOSTILE_TEXT),
         "translit": st.sampled_from(["off", "translit", "x"]),
         "send_at": st.sampled_from(["2030-01-01T00:00:00+03:00", "2030-01-01", "x"]),
         "expires_at": st.sampled_from(["2999-01-01T00:00:00Z", "2000-01-01T00:00:00Z"]),
@@ -388,6 +396,7 @@ def check_read(body: bytes, headers: dict[str, Any]) -> None:
     # A request taken in carries nothing that fails later (uuid5, logs, the e-mail).
     uuid.uuid5(uuid.NAMESPACE_URL, req.request_id)
     fields = [req.text, *req.to, req.sender or "", req.subject or "", req.voice or ""]
+    fields.append(req.voice_params or "")
     fields += [*req.metadata, *(v for v in req.metadata.values() if isinstance(v, str))]
     for value in fields:
         value.encode("utf-8")

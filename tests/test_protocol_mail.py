@@ -44,13 +44,14 @@ def single(
     options: MailOptions | None = None,
     phones: tuple[str, ...] = (PHONE,),
     mail_id: str = "1",
+    voice_params: str | None = None,
 ) -> bytes:
     return encode_single(
         envelope,
         account,
         mail_id,
         options or MailOptions(),
-        ListLine(phones, text),
+        ListLine(phones, text, voice_params),
         date=DATE,
         message_id=MSG_ID,
     )
@@ -154,7 +155,9 @@ def test_list_mode_puts_the_first_line_after_the_double_colon() -> None:
 
 
 def test_subj_and_voice_lines_come_last() -> None:
-    options = MailOptions(format=Format.email, subject="Invoice", voice="m")
+    options = MailOptions(
+        format=Format.email, sender="me@shop.example", subject="Invoice", voice="m"
+    )
     raw = listed([ListLine(("a@example.com",), "body")], options=options)
     assert body_of(raw).endswith("a@example.com:body\nsubj:Invoice\nvoice:m\n")
     raw = single("body", options=options, phones=("a@example.com",))
@@ -173,14 +176,96 @@ def test_the_email_format_carries_the_senders_address() -> None:
 
 def test_voice_format_with_a_voice_and_call_parameters() -> None:
     options = MailOptions(format=Format.voice, voice="w3")
-    raw = single("Hello\n~~~\nparam", options=options)
-    assert body_of(raw) == "alex:123:1::,9,,1:79991234567:Hello\\n~~~\\nparam\nvoice:w3\n"
+    raw = single("Hello\nthere", options=options, voice_params="10,20,3")
+    assert body_of(raw) == (
+        "alex:123:1::,9,,1:79991234567:Hello\\nthere\\n~~~\\n10,20,3\nvoice:w3\n"
+    )
+    raw = listed(
+        [ListLine((PHONE,), "one", "p=1"), ListLine((OTHER,), "two"), ListLine(("G1",), "3", "x")],
+        options=options,
+    )
+    assert body_of(raw) == (
+        "alex:123:1::,9,,1::79991234567:one\\n~~~\\np=1\n+79997654321:two\nG1:3\\n~~~\\nx\n"
+        "voice:w3\n"
+    )
+    assert [line.text for line in decode_mail(raw).body.lines] == [
+        "one\n~~~\np=1",
+        "two",
+        "3\n~~~\nx",
+    ]
+
+
+@pytest.mark.parametrize("text", ["a~~~b", "Hello\n~~~\nparam", "~~~", "end\n~~~"])
+def test_a_voice_text_holding_the_parameters_mark_is_refused_by_both_encoders(
+    text: str,
+) -> None:
+    voice = MailOptions(format=Format.voice)
+    for params in (None, "10"):
+        with pytest.raises(InvalidRequest) as info:
+            single(text, options=voice, voice_params=params)
+        assert info.value.code == "unsendable_text"
+        assert "voice_params" in info.value.message
+        with pytest.raises(InvalidRequest):
+            listed([ListLine((PHONE,), text, params)], options=voice)
+    # Other formats carry tildes as text.
+    assert "~~~" in body_of(single(text))
+
+
+@pytest.mark.parametrize(
+    "params", ["", " ", "10 20", "a\nb", "a\\nb", "~~~", "a:b", "a;b", "[text]", "ж", "x" * 65]
+)
+def test_call_parameters_that_could_break_the_line_are_refused(params: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        single("hi", options=MailOptions(format=Format.voice), voice_params=params)
+    assert info.value.code == "invalid_voice_params"
+
+
+def test_call_parameters_go_on_the_voice_format_only() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        single("hi", voice_params="10")
+    assert info.value.code == "invalid_voice_params"
+    with pytest.raises(InvalidRequest):
+        listed([ListLine((PHONE,), "hi", "10")])
+
+
+def test_a_telegram_mail_writes_the_bot_prefix_on_every_line() -> None:
+    options = MailOptions(telegram=True, sender="Shop")
+    raw = single("hi: there", options=options, phones=("#42", "@shop_bot"))
+    assert body_of(raw) == "alex:123:1::,0,Shop,1:#42,@shop_bot:__BOT__:hi: there\n"
+    raw = listed([ListLine(("#42",), "one\ntwo"), ListLine((PHONE,), "three")], options=options)
+    assert body_of(raw) == (
+        "alex:123:1::,0,Shop,1::#42:__BOT__:one\\ntwo\n79991234567:__BOT__:three\n"
+    )
+
+
+def test_a_telegram_text_still_cannot_bring_a_prefix_of_its_own() -> None:
+    for text in ("__BOT__:again", "__VIBER__:x", "__PING__"):
+        with pytest.raises(InvalidRequest) as info:
+            single(text, options=MailOptions(telegram=True))
+        assert info.value.code == "reserved_prefix"
+
+
+@pytest.mark.parametrize("fmt", [f for f in Format if f is not Format.sms])
+def test_a_telegram_mail_names_format_0(fmt: Format) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        MailOptions(
+            format=fmt, telegram=True, sender="a@b.cc" if fmt is Format.email else "", subject="S"
+        )
+    assert info.value.code == "invalid_format"
 
 
 def test_the_email_format_requires_a_subject() -> None:
     with pytest.raises(InvalidRequest) as info:
-        MailOptions(format=Format.email)
+        MailOptions(format=Format.email, sender="me@shop.example")
     assert info.value.code == "missing_subject"
+
+
+@pytest.mark.parametrize("sender", ["", "Shop", "123456"])
+def test_the_email_format_requires_the_senders_address(sender: str) -> None:
+    # The gateway refuses the whole e-mail (error 1) without it.
+    with pytest.raises(InvalidRequest) as info:
+        MailOptions(format=Format.email, sender=sender, subject="S")
+    assert info.value.code == "email_sender_required"
 
 
 def test_a_message_newline_never_becomes_a_list_line() -> None:
@@ -363,9 +448,11 @@ def test_header_values_must_be_printable_ascii() -> None:
 
 def test_text_tags_wrap_the_whole_body() -> None:
     envelope = Envelope(mail_from="worker@example.com", text_tags=True)
-    options = MailOptions(format=Format.email, subject="S")
+    options = MailOptions(format=Format.email, sender="me@shop.example", subject="S")
     raw = single("hi", envelope=envelope, options=options, phones=("a@example.com",))
-    assert body_of(raw) == "[text]alex:123:1::,8,,1:a@example.com:hi\nsubj:S[/text]\n"
+    assert body_of(raw) == (
+        "[text]alex:123:1::,8,me@shop.example,1:a@example.com:hi\nsubj:S[/text]\n"
+    )
     raw = listed([ListLine((PHONE,), "a"), ListLine((OTHER,), "b")], envelope=envelope)
     assert body_of(raw) == "[text]alex:123:1::,0,,1::79991234567:a\n+79997654321:b\n[/text]\n"
 

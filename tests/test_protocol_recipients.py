@@ -1,5 +1,6 @@
 """Recipients: numbers with `+` as given, without `+` read with a default region, groups,
-e-mail addresses for the email format, #ids for messengers, everything else refused."""
+e-mail addresses for the email format, #ids and @nicknames for Telegram only, everything
+else refused."""
 
 from __future__ import annotations
 
@@ -123,18 +124,71 @@ def test_an_email_address_is_not_a_phone_recipient() -> None:
         parse_recipient("john@example.com", Format.sms)
 
 
-@pytest.mark.parametrize("fmt", [Format.viber, Format.whatsapp, Format.soc])
-def test_hash_ids_for_messenger_formats(fmt: Format) -> None:
-    recipient = parse_recipient("#user_42", fmt)
-    assert recipient.kind is RecipientKind.messenger
-    assert recipient.wire == "#user_42"
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [("#42", "#42"), ("#123456789012", "#123456789012"), ("@shop_bot", "@shop_bot"),
+     ("@Shop_Bot", "@shop_bot"), (" @abcd ", "@abcd"), ("@" + "a" * 32, "@" + "a" * 32)],
+)  # fmt: skip
+def test_telegram_takes_ids_and_nicknames(raw: str, key: str) -> None:
+    recipient = parse_recipient(raw, telegram=True)
+    assert recipient.kind is RecipientKind.telegram
+    assert recipient.wire == raw.strip()
+    assert recipient.key == key  # a nickname in any case is one user
 
 
-@pytest.mark.parametrize("fmt", [Format.sms, Format.flash, Format.voice, Format.ping])
-def test_hash_ids_are_refused_outside_messenger_formats(fmt: Format) -> None:
+@pytest.mark.parametrize(
+    ("raw", "kind", "key"),
+    [("+79991234567", RecipientKind.phone, "+79991234567"),
+     ("89991234567", RecipientKind.phone, "+79991234567"), ("G7", RecipientKind.group, "G7")],
+)  # fmt: skip
+def test_telegram_takes_phone_numbers_and_groups_too(
+    raw: str, kind: RecipientKind, key: str
+) -> None:
+    # A bot's user can be reached by the number they gave the bot (the vendor's Telegram page).
+    recipient = parse_recipient(raw, telegram=True)
+    assert (recipient.kind, recipient.key) == (kind, key)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["#", "#-1", "#12a", "#user_42", "#" + "1" * 21, "@", "@abc", "@1abc", "@ab-cd", "@nick.name",
+     "@" + "a" * 33, "shop_bot", "a@b.cc"],
+)  # fmt: skip
+def test_telegram_refuses_what_is_neither_an_id_nor_a_nickname(raw: str) -> None:
     with pytest.raises(InvalidRequest) as info:
-        parse_recipient("#user_42", fmt)
-    assert "messenger" in info.value.message
+        parse_recipient(raw, telegram=True)
+    assert info.value.code in ("invalid_recipient", "invalid_phone")
+
+
+@pytest.mark.parametrize("fmt", [f for f in Format if f is not Format.email])
+@pytest.mark.parametrize("raw", ["#42", "@shop_bot", "#user_42"])
+def test_ids_and_nicknames_are_refused_on_every_other_channel(fmt: Format, raw: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_recipient(raw, fmt)
+    assert info.value.code == "telegram_only_recipient"
+    assert "telegram channel only" in info.value.message
+    assert f"the {fmt.name} channel takes phone numbers" in info.value.message
+
+
+def test_ids_are_refused_on_the_email_channel_saying_it_takes_addresses() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_recipient("#42", Format.email)
+    assert info.value.code == "telegram_only_recipient"
+    assert "email channel takes e-mail addresses" in info.value.message
+    # An address may begin with '#': it is an address, not a Telegram id.
+    assert parse_recipient("#team@example.com", Format.email).kind is RecipientKind.email
+
+
+def test_a_telegram_text_is_never_an_email() -> None:
+    with pytest.raises(InvalidRequest):
+        parse_recipient("#42", Format.email, telegram=True)
+
+
+def test_parse_recipients_passes_telegram_on() -> None:
+    recipients = parse_recipients(["#42", "@Shop_Bot", "@shop_bot", "+79991234567"], telegram=True)
+    assert [r.wire for r in recipients] == ["#42", "@Shop_Bot", "+79991234567"]
+    with pytest.raises(InvalidRequest):
+        parse_recipients(["#42"])
 
 
 @pytest.mark.parametrize(
@@ -145,7 +199,7 @@ def test_hash_ids_are_refused_outside_messenger_formats(fmt: Format) -> None:
 def test_anything_else_is_refused_with_a_reason(raw: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_recipient(raw)
-    assert info.value.code in ("invalid_recipient", "invalid_phone")
+    assert info.value.code in ("invalid_recipient", "invalid_phone", "telegram_only_recipient")
     assert info.value.message
 
 
@@ -161,10 +215,12 @@ def test_at_least_one_recipient_is_required() -> None:
 
 @FAST
 @given(st.text(max_size=20))
+@example("#42")
+@example("@shop_bot")
 def test_every_accepted_recipient_is_safe_to_write_in_a_line(raw: str) -> None:
-    for fmt in (Format.sms, Format.email, Format.viber):
+    for fmt, telegram in ((Format.sms, False), (Format.email, False), (Format.sms, True)):
         try:
-            recipient = parse_recipient(raw, fmt)
+            recipient = parse_recipient(raw, fmt, telegram=telegram)
         except InvalidRequest:
             continue
         assert recipient.wire

@@ -98,7 +98,8 @@ def option_values(chars: st.SearchStrategy[str]) -> st.SearchStrategy[str | None
 
 PHONES = st.sampled_from(["79991234567", "+79997654321", "G12", "79990000001", "+447911123456"])
 EMAILS = st.sampled_from(["a@example.com", "John.Doe+x@mail.example.ru", "b_c@d.org"])
-HASH_IDS = st.sampled_from(["#user_1", "#42", "#nick.name"])
+TELEGRAM_IDS = st.sampled_from(["#1", "#42", "#123456789012", "@shop_bot", "@Nick_Name"])
+VOICE_PARAMS = st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9,.=_+-]{1,64}", fullmatch=True))
 
 mail_ids = st.one_of(
     st.integers(min_value=1, max_value=2_147_483_647).map(str),
@@ -185,7 +186,8 @@ def cases(draw: st.DrawFn, alphabet: str) -> Case:
     chars = koi8_char if alphabet == "koi8-r" else any_char
     charset = draw(st.sampled_from(["koi8-r", "koi8-r", "utf-8", "windows-1251"]))
     fmt = draw(st.sampled_from(list(Format)))
-    recipients = {Format.email: EMAILS, Format.viber: HASH_IDS | PHONES}.get(fmt, PHONES)
+    telegram = fmt == Format.sms and draw(st.booleans())
+    recipients = TELEGRAM_IDS | PHONES if telegram else EMAILS if fmt == Format.email else PHONES
     subject = draw(option_values(chars))
     if fmt == Format.email and not subject:
         subject = "Subject"
@@ -197,11 +199,18 @@ def cases(draw: st.DrawFn, alphabet: str) -> Case:
         test=draw(st.booleans()),
         subject=subject,
         voice=draw(option_values(chars)),
+        telegram=telegram,
     )
     single = draw(st.booleans())
-    line = st.builds(
-        ListLine, st.lists(recipients, min_size=1, max_size=4).map(tuple), texts(chars)
-    )
+    phones = st.lists(recipients, min_size=1, max_size=4).map(tuple)
+    if fmt == Format.voice:
+        # A voice text holds no `~~~`; its call's parameters, if any, go after `\n~~~\n`.
+        voice_texts = texts(chars).filter(lambda t: "~~~" not in t)
+        line = st.builds(ListLine, phones, voice_texts, VOICE_PARAMS).filter(
+            lambda line: len(line.message) <= 1000
+        )
+    else:
+        line = st.builds(ListLine, phones, texts(chars))
     lines = draw(st.lists(line, min_size=1, max_size=1 if single else 5))
     return Case(
         envelope=Envelope(
@@ -251,7 +260,10 @@ def expected_body(case: Case) -> DecodedBody:
         sender=options.sender,
         test="1" if options.test else "0",
         list_mode=not case.single,
-        lines=tuple(DecodedLine(line.phones, line.text) for line in case.lines),
+        lines=tuple(
+            DecodedLine(line.phones, ("__BOT__:" if options.telegram else "") + line.message)
+            for line in case.lines
+        ),
         subject=options.subject,
         voice=options.voice,
     )
@@ -267,7 +279,7 @@ def check_round_trip(case: Case) -> None:
         case.options.sender,
         case.options.subject or "",
         case.options.voice or "",
-        *(line.text for line in case.lines),
+        *(line.message for line in case.lines),
     ]
     carried = all(fits(t, case.envelope.charset) for t in everything)
     # The configured charset when it can carry everything; otherwise utf-8, never a
@@ -281,6 +293,10 @@ def check_round_trip(case: Case) -> None:
     event("single" if case.single else "list mode")
     if case.options.format == Format.email:
         event("email format, e-mail address sender")
+    if case.options.telegram:
+        event("telegram")
+    if any(line.voice_params for line in case.lines):
+        event("voice call parameters")
 
 
 @settings(max_examples=300, deadline=None)
@@ -303,6 +319,18 @@ def test_round_trip_any_texts(case: Case) -> None:
     # In a koi8-r envelope, whatever koi8-r cannot carry must switch the whole e-mail to
     # utf-8 (declared in Content-Type), never be dropped or transliterated.
     check_round_trip(case)
+
+
+def encode_as_alex(
+    envelope: Envelope, options: MailOptions, lines: list[ListLine], single: bool
+) -> bytes:
+    """Account alex:pw, mail id 5: the single-message form of lines[0], or list mode."""
+    account = Account("alex", SecretStr("pw"))
+    if single:
+        return encode_single(
+            envelope, account, "5", options, lines[0], date=DATE, message_id=MSG_ID
+        )
+    return encode_mail(envelope, account, "5", options, lines, date=DATE, message_id=MSG_ID)
 
 
 HOSTILE = st.sampled_from(
@@ -329,18 +357,11 @@ def test_no_text_changes_the_recipients_or_the_number_of_lines(
     """Texts the encoder rejects raise InvalidRequest; all others leave the recipients and
     the line count exactly as they were."""
     envelope = Envelope(mail_from="worker@example.com", text_tags=text_tags)
-    account = Account("alex", SecretStr("pw"))
-    options = MailOptions(subject="S")
     if single:
         texts_ = texts_[:1]
     lines = [ListLine(("79991234567", f"G{i}"), text) for i, text in enumerate(texts_)]
     try:
-        if single:
-            raw = encode_single(
-                envelope, account, "5", options, lines[0], date=DATE, message_id=MSG_ID
-            )
-        else:
-            raw = encode_mail(envelope, account, "5", options, lines, date=DATE, message_id=MSG_ID)
+        raw = encode_as_alex(envelope, MailOptions(subject="S"), lines, single)
     except InvalidRequest:
         assert not all(sendable(t) for t in texts_)
         return
@@ -435,7 +456,7 @@ def semicolon_separated(body: str, case: Case) -> str:
     the other way the seed allows."""
     rows = body.split("\r\n")
     for n, line in enumerate(case.lines):
-        rendered = line.render()
+        rendered = line.render(case.options)
         phones = ",".join(line.phones)
         assert rendered.startswith(phones + ":")
         # The first list line follows the six colon-separated fields of the first line.
@@ -499,6 +520,32 @@ def test_an_ambiguous_semicolon_line_reads_as_phones() -> None:
         DecodedLine(("79161234567", "79161234568"), "hi"),
         DecodedLine(("7916", "12"), "34"),
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(params=joined(HOSTILE | st.sampled_from("a1,=~"), 6), single=st.booleans())
+@example(params="1\n79990000000:evil", single=False)
+@example(params="x\\nvoice:y", single=True)
+def test_no_call_parameters_can_add_a_line_or_a_recipient(params: str, single: bool) -> None:
+    """A voice call's parameters are refused (InvalidRequest) or come back exactly as given,
+    after the text and the separator, with the lines and recipients as they were."""
+    envelope = Envelope(mail_from="worker@example.com")
+    options = MailOptions(format=Format.voice, voice="w")
+    lines = [ListLine(("79991234567",), "one", params), ListLine(("G1",), "two")][
+        : 1 if single else 2
+    ]
+    try:
+        raw = encode_as_alex(envelope, options, lines, single)
+    except InvalidRequest:
+        event("refused")
+        return
+    event("accepted")
+    body = decode_mail(raw).body
+    assert [(line.phones, line.text) for line in body.lines] == [
+        (line.phones, line.message) for line in lines
+    ]
+    assert body.lines[0].text == "one\n~~~\n" + params
+    assert (body.subject, body.voice) == (None, "w")
 
 
 # --- decode_body / decode_mail on their own -------------------------------------------------

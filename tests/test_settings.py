@@ -1,5 +1,5 @@
-"""The default sender: checked at start-up against every channel it applies to, and never
-put on a channel that cannot take it."""
+"""The default senders: checked at start-up against every channel they apply to, and never
+put on a channel that cannot take them; the default channel, by name."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ import pytest
 from pydantic import ValidationError
 
 from worker.contract import SendRequest
-from worker.prepare import prepare
-from worker.protocol.fields import Format
-from worker.settings import GatewaySettings
+from worker.errors import InvalidRequest
+from worker.prepare import default_sender, prepare
+from worker.protocol.fields import Channel
+from worker.settings import GatewaySettings, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SMSC_WORKER = ROOT / ".venv" / "bin" / "smsc-worker"
 VARIABLE = "SMSC_GATEWAY__DEFAULT_SENDER"
+PER_CHANNEL = "SMSC_GATEWAY__DEFAULT_SENDERS"
 NOW = datetime(2025, 11, 25, 18, 0, tzinfo=UTC)
 
 
@@ -86,11 +88,14 @@ def request(channel: str | None, **fields: str) -> SendRequest:
     )
 
 
-def sender_of(req: SendRequest, gateway: GatewaySettings) -> str:
-    return prepare(req, gateway, Format.sms, NOW).key.options.sender
+def sender_of(req: SendRequest, gateway: GatewaySettings, default: Channel = Channel.sms) -> str:
+    return prepare(req, gateway, default, NOW).key.options.sender
 
 
-@pytest.mark.parametrize("channel", [None, "sms", "flash", "viber", "voice"])
+NAME_CHANNELS = [c for c in Channel if c is not Channel.email]
+
+
+@pytest.mark.parametrize("channel", [None, "sms", "flash", "viber", "voice", "telegram"])
 def test_the_default_sender_name_goes_on_requests_without_a_sender(channel: str | None) -> None:
     gateway = GatewaySettings(default_sender="Shop")
     assert sender_of(request(channel), gateway) == "Shop"
@@ -99,16 +104,125 @@ def test_the_default_sender_name_goes_on_requests_without_a_sender(channel: str 
 
 def test_the_email_channel_never_gets_the_default_sender_name() -> None:
     gateway = GatewaySettings(default_sender="Shop")
-    assert sender_of(request("email"), gateway) == ""
+    assert default_sender(gateway, Channel.email) == ""
     assert sender_of(request("email", sender="me@shop.example"), gateway) == "me@shop.example"
 
 
 def test_an_e_mail_address_default_sender_never_reaches_a_non_email_channel() -> None:
     # The settings refuse it; prepare() does not rely on that alone.
-    gateway = GatewaySettings.model_construct(default_sender="me@shop.example")
+    gateway = GatewaySettings.model_construct(
+        default_sender="me@shop.example", default_senders={Channel.viber: "you@shop.example"}
+    )
     assert sender_of(request("sms"), gateway) == ""
     assert sender_of(request(None), gateway) == ""
-    assert sender_of(request("email"), gateway) == "me@shop.example"
+    assert sender_of(request("viber"), gateway) == ""
+    assert default_sender(gateway, Channel.email) == ""
+
+
+def test_each_channel_may_have_a_default_sender_of_its_own() -> None:
+    gateway = GatewaySettings(
+        default_sender="Shop",
+        default_senders={"email": "noreply@shop.example", "viber": "ShopViber", "flash": ""},
+    )
+    assert sender_of(request("email"), gateway) == "noreply@shop.example"
+    assert sender_of(request("viber"), gateway) == "ShopViber"
+    assert sender_of(request("flash"), gateway) == ""  # the account's own, over default_sender
+    assert sender_of(request("sms"), gateway) == "Shop"
+    assert sender_of(request(None), gateway, Channel.viber) == "ShopViber"
+    assert sender_of(request("viber", sender="Other"), gateway) == "Other"
+
+
+@pytest.mark.parametrize("sender", [None, "", "Shop"])
+def test_the_email_channel_without_the_senders_address_is_refused_up_front(
+    sender: str | None,
+) -> None:
+    gateway = GatewaySettings(default_sender="Shop", default_senders={"viber": "ShopViber"})
+    fields = {} if sender is None else {"sender": sender}
+    with pytest.raises(InvalidRequest) as info:
+        prepare(request("email", **fields), gateway, Channel.sms, NOW)
+    assert info.value.code == "email_sender_required"
+    assert "sender's e-mail address" in info.value.message
+    if sender is None:
+        assert PER_CHANNEL in info.value.message
+    # With the email channel's default it goes.
+    gateway = GatewaySettings(default_senders={"email": "noreply@shop.example"})
+    assert sender_of(request("email"), gateway) == "noreply@shop.example"
+
+
+@pytest.mark.parametrize(
+    ("senders", "says"),
+    [
+        ({"email": "Shop"}, "must be the sender's e-mail address"),
+        ({"email": "me@shop"}, "must be the sender's e-mail address"),
+        ({"sms": "me@shop.example"}, "on the email channel only, not on sms"),
+        ({"telegram": "TwelveLetter"}, "not a valid sender for the telegram channel"),
+        ({"viber": "Al:ex"}, "not a valid sender for the viber channel"),
+        ({"mms": "Shop"}, "'telegram'"),
+        ({"binary": "Shop"}, "'binary_hex'"),
+    ],
+)
+def test_per_channel_senders_a_channel_refuses_are_rejected(
+    senders: dict[str, str], says: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        GatewaySettings(default_senders=senders)
+    assert says in str(caught.value)
+
+
+def test_per_channel_senders_come_from_the_environment(tmp_path: Path) -> None:
+    as_json = smsc_worker_config(
+        tmp_path, **{PER_CHANNEL: '{"email": "noreply@shop.example", "viber": "ShopViber"}'}
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["gateway"]["default_senders"] == {
+        "email": "noreply@shop.example",
+        "viber": "ShopViber",
+    }
+    one_by_one = smsc_worker_config(tmp_path, **{f"{PER_CHANNEL}__EMAIL": "noreply@shop.example"})
+    assert one_by_one.returncode == 0, one_by_one.stderr
+    assert json.loads(one_by_one.stdout)["gateway"]["default_senders"] == {
+        "email": "noreply@shop.example"
+    }
+    bad = smsc_worker_config(tmp_path, **{PER_CHANNEL: '{"email": "Shop"}'})
+    assert bad.returncode == 2
+    assert PER_CHANNEL in bad.stderr and "Traceback" not in bad.stderr
+
+
+# the default channel: a name (or the format number it once took), never one not offered --
+
+
+@pytest.mark.parametrize(
+    ("value", "channel"),
+    [("sms", Channel.sms), ("telegram", Channel.telegram), ("binary_hex", Channel.binary_hex),
+     ("1", Channel.flash), (9, Channel.voice), ("0", Channel.sms)],
+)  # fmt: skip
+def test_the_default_channel_is_read_by_name_or_format_number(
+    value: str | int, channel: Channel
+) -> None:
+    assert Settings(default_channel=value).default_channel is channel
+
+
+@pytest.mark.parametrize("value", ["binary", "mms", "4", 7])
+def test_a_default_channel_not_offered_stops_startup(value: str | int) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(default_channel=value)
+    assert "is not offered" in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["13", "fax", "", True])
+def test_an_unknown_default_channel_stops_startup(value: str | int) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(default_channel=value)
+    assert "'telegram'" in str(caught.value)
+
+
+def test_the_default_channel_from_the_environment(tmp_path: Path) -> None:
+    done = smsc_worker_config(tmp_path, SMSC_DEFAULT_CHANNEL="telegram")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["default_channel"] == "telegram"
+    refused = smsc_worker_config(tmp_path, SMSC_DEFAULT_CHANNEL="mms")
+    assert refused.returncode == 2
+    assert "SMSC_DEFAULT_CHANNEL" in refused.stderr and "not offered" in refused.stderr
 
 
 # the gateway charset: one of a fixed list, checked at start-up ---------------------------

@@ -24,7 +24,7 @@ from worker.emulator.rules import Gateway
 from worker.fate import read_request
 from worker.prepare import PreparedRequest, prepare
 from worker.protocol.decode import decode_mail
-from worker.protocol.fields import Format, Translit
+from worker.protocol.fields import Channel, Format, Translit
 from worker.protocol.mail import Account, Envelope, MailBuilder
 from worker.protocol.recipients import sms_count
 from worker.protocol.replies import Accepted
@@ -148,13 +148,15 @@ def request_of(body: dict[str, Any]) -> SendRequest:
 def test_the_pace_counts_a_message_without_a_count_as_one_part_per_recipient() -> None:
     email = {"to": ["a@example.com", "b@example.com"], "text": "hi", "subject": "Hi"}
     mail = prepare(
-        request_of(email | {"channel": "email", "sender": "s@example.com"}), UTF8, Format.sms, NOW
+        request_of(email | {"channel": "email", "sender": "s@example.com"}), UTF8, Channel.sms, NOW
     )
     assert (mail.sms_parts, mail.sms_count, mail.pace_parts) == (None, None, 2)
-    group = prepare(request_of({"to": [phone(1), "G12"], "text": "a" * 200}), UTF8, Format.sms, NOW)
+    group = prepare(
+        request_of({"to": [phone(1), "G12"], "text": "a" * 200}), UTF8, Channel.sms, NOW
+    )
     assert (group.sms_parts, group.sms_count, group.pace_parts) == (2, None, 4)
     plain = prepare(
-        request_of({"to": [phone(1), phone(2)], "text": "a" * 200}), UTF8, Format.sms, NOW
+        request_of({"to": [phone(1), phone(2)], "text": "a" * 200}), UTF8, Channel.sms, NOW
     )
     assert (plain.sms_parts, plain.sms_count, plain.pace_parts) == (2, 4, 4)
 
@@ -208,7 +210,7 @@ def test_the_emulator_counts_what_the_worker_counts(
     if template["channel"] == "binary_hex":
         texts = [t.encode()[:500].hex() for t in texts]
     texts = list(dict.fromkeys(t for t in texts if sendable(t))) or ["text"]
-    prepared = [prepare(request_of(template | {"text": t}), UTF8, Format.sms, NOW) for t in texts]
+    prepared = [prepare(request_of(template | {"text": t}), UTF8, Channel.sms, NOW) for t in texts]
     counts = [p.sms_count for p in prepared]
     assert None not in counts
     assert emulator_count(prepared) == sum(c or 0 for c in counts)

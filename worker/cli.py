@@ -78,7 +78,7 @@ def run_command(
 def send_command(
     to: Annotated[list[str], typer.Option("--to", help="Recipient; repeat for more.")],
     text: Annotated[str, typer.Option("--text", help="Message text.")],
-    channel: Annotated[str | None, typer.Option(help="sms, flash, viber, email, ...")] = None,
+    channel: Annotated[str | None, typer.Option(help="sms, telegram, email, ...")] = None,
     sender: Annotated[str | None, typer.Option(help="Registered sender name.")] = None,
     request_id: Annotated[str | None, typer.Option(help="Idempotency key (random).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Print result events until final.")] = False,

@@ -3,10 +3,17 @@
 Both are frozen pydantic models; `smsc-worker schemas` writes their JSON Schema and an
 AsyncAPI document into `schemas/`, and a test fails when those files drift from here.
 Changing a field is a contract change: bump `SCHEMA_VERSION` when it is not additive.
+
+Version 2 (from 1): the channels `binary` and `mms` are gone (a plain-text e-mail cannot
+carry raw bytes or media) and `telegram` is new; `voice_params` carries a call's
+parameters; #ids and @nicknames are Telegram's recipients only. A request naming version 1
+is still read by the same rules (a v1 request on binary or mms is rejected with the code
+`channel_not_offered`); every event says 2.
 """
 
 from __future__ import annotations
 
+import json
 import unicodedata
 import uuid
 from datetime import UTC, datetime
@@ -19,35 +26,52 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from worker.protocol.fields import MAX_TEXT_CHARS, hides_reserved_prefix
+from worker.protocol.fields import (
+    MAX_TEXT_CHARS,
+    MAX_VOICE_PARAMS,
+    NOT_OFFERED,
+    VOICE_PARAMS_PATTERN,
+    Channel,
+    hides_reserved_prefix,
+)
 
-SCHEMA_VERSION: Literal[1] = 1
+SCHEMA_VERSION: Literal[2] = 2
+# The versions a request may name: 1 is read by the same rules as 2.
+RequestSchemaVersion = Literal[1, 2]
 MAX_METADATA_KEYS = 16
 MAX_RECIPIENTS = 1000
 # Every bound below is stated in the JSON Schema (schemas/) as well as enforced here.
-MAX_RECIPIENT_CHARS = 254  # the longest e-mail address; phones, G<n> and #ids are shorter
+MAX_RECIPIENT_CHARS = 254  # the longest e-mail address; phones, G<n>, #ids, @nicks are shorter
 MAX_SENDER_CHARS = 254  # the email channel's sender is an address; names: 11 (or 15 digits)
 MAX_SUBJECT_CHARS = 255  # one `subj:` option line of the e-mail body
 MAX_VOICE_CHARS = 32  # a voice name (m, w, m2, ...)
+MAX_VOICE_PARAMS_CHARS = MAX_VOICE_PARAMS  # a call's parameters, after `\n~~~\n`
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 256
 
 
 def largest_request_bytes() -> int:
     """The longest JSON body a valid request can have: every field at its bound. A valid
-    recipient is printable ASCII (a phone, G<n>, an address, a #id), counted with its
-    quotes, comma and a pretty-printer's line and indent; every other string counts each
-    character as the longest escape there is (`\\uXXXX\\uXXXX`, 12 bytes, for one
+    recipient is printable ASCII (a phone, G<n>, an address, a #id, an @nickname), counted
+    with its quotes, comma and a pretty-printer's line and indent; every other string counts
+    each character as the longest escape there is (`\\uXXXX\\uXXXX`, 12 bytes, for one
     character outside the BMP)."""
     escaped = 12
     recipients = MAX_RECIPIENTS * (MAX_RECIPIENT_CHARS + 16)
-    strings = (MAX_TEXT_CHARS + MAX_SENDER_CHARS + MAX_SUBJECT_CHARS + MAX_VOICE_CHARS) * escaped
+    strings = (
+        MAX_TEXT_CHARS
+        + MAX_SENDER_CHARS
+        + MAX_SUBJECT_CHARS
+        + MAX_VOICE_CHARS
+        + MAX_VOICE_PARAMS_CHARS
+    ) * escaped
     metadata = MAX_METADATA_KEYS * (
         (MAX_METADATA_KEY_CHARS + MAX_METADATA_VALUE_CHARS) * escaped + 16
     )
@@ -61,21 +85,6 @@ def largest_request_bytes() -> int:
 # unconstrained str such as `text`): the validators below refuse them everywhere.
 _SURROGATES = range(0xD800, 0xE000)
 
-Channel = Literal[
-    "sms",
-    "flash",
-    "wap_push",
-    "hlr",
-    "binary",
-    "binary_hex",
-    "ping",
-    "mms",
-    "email",
-    "voice",
-    "viber",
-    "whatsapp",
-    "soc",
-]
 MetadataValue = str | int | float | bool | None
 RequestId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
@@ -97,6 +106,7 @@ RESERVED_PREFIX = "reserved_prefix"
 INVALID_UNICODE = "invalid_unicode"
 TEXT_TOO_LONG = "text_too_long"
 FRACTIONAL_TZ = "fractional_tz"
+CHANNEL_NOT_OFFERED = "channel_not_offered"
 # Real time zones run from UTC-12 to UTC+14: from Moscow (UTC+3), -15 to +11.
 MIN_TZ, MAX_TZ = -15, 11
 
@@ -147,7 +157,11 @@ class SendRequest(BaseModel):
         json_schema_extra={"$id": "https://smsc-worker.dev/schemas/send-request.json"},
     )
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: RequestSchemaVersion = Field(
+        SCHEMA_VERSION,
+        description="2; a request naming 1 is read by the same rules (version 2 removed the "
+        "channels binary and mms, refused as channel_not_offered).",
+    )
     request_id: RequestId = Field(
         description="The caller's idempotency key; echoed in every result event."
     )
@@ -155,7 +169,8 @@ class SendRequest(BaseModel):
         min_length=1,
         max_length=MAX_RECIPIENTS,
         description="Phone numbers (+ means 'do not auto-correct'), G<n> groups, "
-        "e-mail addresses (email channel) or #ids (messenger channels).",
+        "e-mail addresses (email channel only), or #ids and @nicknames (telegram channel "
+        "only, which takes phone numbers and groups too).",
     )
     # The length is checked by the validator (code `text_too_long`, after \r\n became
     # \n) and stated in the schema here.
@@ -165,13 +180,16 @@ class SendRequest(BaseModel):
         json_schema_extra={"maxLength": MAX_TEXT_CHARS},
     )
     channel: Channel | None = Field(
-        None, description="The gateway's message format by name; the worker's default if absent."
+        None,
+        description="The gateway's message format by name, or telegram (format 0, every "
+        "text behind __BOT__:); the worker's default if absent.",
     )
     sender: str | None = Field(
         None,
         max_length=MAX_SENDER_CHARS,
         description="A sender name registered with the account (at most 11 characters or "
-        "15 digits), or the sender's e-mail address on the email channel.",
+        "15 digits), or the sender's e-mail address on the email channel (required there, "
+        "unless the worker has a default sender address for email).",
     )
     translit: Literal["off", "translit", "mpahc"] | None = None
     send_at: AwareDatetime | None = Field(None, description="Deliver at this moment.")
@@ -190,6 +208,14 @@ class SendRequest(BaseModel):
     voice: str | None = Field(
         None, max_length=MAX_VOICE_CHARS, description="Voice name, voice channel only."
     )
+    voice_params: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_VOICE_PARAMS_CHARS,
+        pattern=f"^{VOICE_PARAMS_PATTERN}$",
+        description="The call's parameters, voice channel only: the worker writes them "
+        "after '\\n~~~\\n' at the end of the text (which itself may not hold '~~~').",
+    )
     expires_at: AwareDatetime | None = Field(
         None, description="Not sent at all after this moment: rejected as expired."
     )
@@ -203,6 +229,17 @@ class SendRequest(BaseModel):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("channel", mode="before")
+    @classmethod
+    def _offered(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in NOT_OFFERED:
+            raise PydanticCustomError(
+                CHANNEL_NOT_OFFERED,
+                "channel {channel} is not offered (since schema version 2): {why}",
+                {"channel": value, "why": NOT_OFFERED[value]},
+            )
+        return value
 
     @field_validator("text")
     @classmethod
@@ -270,6 +307,8 @@ class SendRequest(BaseModel):
             raise ValueError("subject is for the email channel only")
         if self.voice is not None and self.channel != "voice":
             raise ValueError("voice is for the voice channel only")
+        if self.voice_params is not None and self.channel != "voice":
+            raise ValueError("voice_params is for the voice channel only")
         if self.channel == "email" and not self.subject:
             raise ValueError("the email channel needs a subject")
         return self
@@ -307,7 +346,7 @@ class ResultEvent(BaseModel):
         json_schema_extra={"$id": "https://smsc-worker.dev/schemas/result-event.json"},
     )
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     event_id: str
     request_id: str | None = Field(description="None only when the request was not readable.")
     status: Status
@@ -339,6 +378,20 @@ class ResultEvent(BaseModel):
     @property
     def routing_key(self) -> str:
         return f"sms.result.{self.status.value}"
+
+    @classmethod
+    def from_stored(cls, stored: str) -> tuple[ResultEvent, bytes]:
+        """An event as the ledger keeps it (to publish again on a redelivery), and the
+        bytes to publish: as stored, or, for an event a version-1 worker stored before an
+        upgrade, the same event as version 2 (no other field of an event changed)."""
+        try:
+            return cls.model_validate_json(stored), stored.encode()
+        except ValidationError:
+            data = json.loads(stored)
+            if not (isinstance(data, dict) and data.get("schema_version") == 1):
+                raise
+        event = cls.model_validate({**data, "schema_version": SCHEMA_VERSION})
+        return event, event.model_dump_json().encode()
 
     @classmethod
     def create(

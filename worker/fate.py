@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pydantic import ValidationError
 
 from worker.contract import (
+    CHANNEL_NOT_OFFERED,
     CONTROL_CHARACTER,
     FRACTIONAL_TZ,
     INVALID_UNICODE,
@@ -182,7 +183,14 @@ Fate = Reject | Later | Fail | Submitted | Accepted | Replay | Unknown | Requeue
 
 # Validation errors reported under a code of their own rather than `invalid_schema`, in
 # this order of precedence (the contract's validators raise them by these names).
-_OWN_CODES = (CONTROL_CHARACTER, INVALID_UNICODE, RESERVED_PREFIX, TEXT_TOO_LONG, FRACTIONAL_TZ)
+_OWN_CODES = (
+    CHANNEL_NOT_OFFERED,
+    CONTROL_CHARACTER,
+    INVALID_UNICODE,
+    RESERVED_PREFIX,
+    TEXT_TOO_LONG,
+    FRACTIONAL_TZ,
+)
 
 
 def read_request(body: bytes) -> SendRequest | Reject:

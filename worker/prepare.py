@@ -10,7 +10,16 @@ from datetime import datetime
 from worker.contract import SendRequest
 from worker.errors import InvalidRequest
 from worker.lanes import Lane
-from worker.protocol.fields import Format, SendTime, Translit, check_text, is_email_sender
+from worker.protocol.fields import (
+    MAX_TEXT_CHARS,
+    Channel,
+    Format,
+    SendTime,
+    Translit,
+    check_text,
+    check_voice_text,
+    is_email_sender,
+)
 from worker.protocol.mail import ListLine, MailOptions, pick_charset
 from worker.protocol.recipients import Recipient, parse_recipients, sms_count
 from worker.protocol.segments import sms_parts
@@ -68,12 +77,15 @@ def _send_time(request: SendRequest) -> SendTime:
     return SendTime()
 
 
-def default_sender(gateway: GatewaySettings, fmt: Format) -> str:
-    """The configured default sender where the channel takes it, else empty (the account's
-    own): an e-mail address only on the email channel, a sender name only on the others.
-    (The settings refuse an e-mail address, so the email channel gets the empty one.)"""
-    sender = gateway.default_sender
-    return sender if is_email_sender(sender) == (fmt == Format.email) else ""
+def default_sender(gateway: GatewaySettings, channel: Channel) -> str:
+    """The channel's configured default sender (`default_senders`; for a channel it does not
+    name, `default_sender`, which is never the email channel's), or empty: the account's
+    own. An e-mail address only ever on the email channel, a sender name only on the
+    others (the settings check that; this does not rely on it alone)."""
+    sender = gateway.default_senders.get(channel)
+    if sender is None:
+        sender = "" if channel is Channel.email else gateway.default_sender
+    return sender if is_email_sender(sender) == (channel is Channel.email) else ""
 
 
 def check_not_expired(request: SendRequest, now: datetime) -> None:
@@ -86,41 +98,67 @@ def check_not_expired(request: SendRequest, now: datetime) -> None:
 def prepare(
     request: SendRequest,
     gateway: GatewaySettings,
-    default_channel: Format,
+    default_channel: Channel,
     now: datetime,
     group: str = "",
     lane: Lane = Lane.normal,
 ) -> PreparedRequest:
     """Everything about a request that can be known without I/O, or InvalidRequest."""
     check_not_expired(request, now)
-    fmt = Format[request.channel] if request.channel else default_channel
-    recipients = parse_recipients(request.to, fmt, gateway.default_region, gateway.national_first)
+    channel = request.channel or default_channel
+    fmt = channel.gateway_format
+    telegram = channel is Channel.telegram
+    recipients = parse_recipients(
+        request.to, fmt, gateway.default_region, gateway.national_first, telegram=telegram
+    )
     text = check_text(request.text)
     if not text and fmt not in TEXTLESS_FORMATS:
         # The gateway refuses an empty text with error 1 for the whole e-mail, so one such
         # line would fail (or split) every request it shares an e-mail with.
         raise InvalidRequest(
             f"text is empty; only the {' and '.join(f.name for f in TEXTLESS_FORMATS)} "
-            f"channels carry no text (this request's channel: {fmt.name})",
+            f"channels carry no text (this request's channel: {channel.value})",
             code="empty_text",
         )
     translit = Translit[request.translit] if request.translit else None
+    if fmt == Format.voice:
+        check_voice_text(text)
+    sender = request.sender if request.sender is not None else default_sender(gateway, channel)
+    if channel is Channel.email and not is_email_sender(sender):
+        # The gateway refuses the whole e-mail with error 1 without it (format 8 needs the
+        # sender's address), failing every request it shares an e-mail with.
+        raise InvalidRequest(
+            f"the email channel needs the sender's e-mail address: {sender!r} is not one"
+            if sender
+            else "the email channel needs the sender's e-mail address: the request names "
+            "no sender and SMSC_GATEWAY__DEFAULT_SENDERS has none for email",
+            code="email_sender_required",
+        )
     options = MailOptions(
         send_time=_send_time(request),
         translit=translit,
         format=fmt,
-        sender=request.sender if request.sender is not None else default_sender(gateway, fmt),
+        sender=sender,
         subject=request.subject,
         voice=request.voice,
+        telegram=telegram,
     )
+    line = ListLine(tuple(r.wire for r in recipients), text, request.voice_params)
+    if len(line.message) > MAX_TEXT_CHARS:
+        # The seed bounds the whole message field, which the call's parameters are part of.
+        raise InvalidRequest(
+            f"text and voice_params are {len(line.message)} characters together (with the "
+            f"'\\n~~~\\n' between them); the gateway takes at most {MAX_TEXT_CHARS}",
+            code="text_too_long",
+        )
     charset = pick_charset(
-        gateway.charset, [text, options.sender, options.subject or "", options.voice or ""]
+        gateway.charset, [line.message, sender, options.subject or "", options.voice or ""]
     )
     return PreparedRequest(
         request=request,
         recipients=recipients,
-        line=ListLine(tuple(r.wire for r in recipients), text),
+        line=line,
         key=BatchKey(options, charset, group, lane),
         sms_parts=sms_parts(text, fmt, translit or Translit.off),
-        content_key=content_key(options, recipients, text),
+        content_key=content_key(options, recipients, line.message),
     )

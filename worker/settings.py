@@ -17,8 +17,17 @@ from pydantic_settings import (
 )
 
 from worker.contract import largest_request_bytes
+from worker.errors import InvalidRequest
 from worker.lanes import Lane
-from worker.protocol.fields import Format, check_login, check_password, check_sender
+from worker.protocol.fields import (
+    NOT_OFFERED,
+    Channel,
+    Format,
+    check_login,
+    check_password,
+    check_sender,
+    is_email_sender,
+)
 from worker.protocol.mail import DEFAULT_MAIL_BYTES, MAX_MAIL_BYTES, Envelope
 
 ENV_PREFIX = "SMSC_"
@@ -89,7 +98,16 @@ class GatewaySettings(_Group):
         "default_region and as an international number with the + left off (84951234567: "
         "Moscow, or Vietnam +84) is read as the national one; false: as the international one",
     )
-    default_sender: str = ""
+    default_sender: str = Field(
+        "",
+        description="sender name for a request that names none, on every channel but email "
+        "(and those default_senders names); empty: the account's own",
+    )
+    default_senders: dict[Channel, str] = Field(
+        default_factory=dict,
+        description="a default sender per channel, over default_sender: for email the "
+        "sender's e-mail address (which that channel requires), for the others a sender name",
+    )
 
     @field_validator("login")
     @classmethod
@@ -108,32 +126,53 @@ class GatewaySettings(_Group):
         """The default sender goes on every request that names none, on every channel but
         email (which needs the sender's e-mail address: prepare() leaves a name off there).
         So it must be a sender name each of those channels takes, never an e-mail address."""
-        from worker.errors import InvalidRequest
-        from worker.protocol.fields import is_email_sender
-
         variable = f"{ENV_PREFIX}GATEWAY__DEFAULT_SENDER"
         if is_email_sender(value):
             raise ValueError(
                 f"{variable} is an e-mail address, but it would be the sender of every sms "
                 "(and other non-email) request that names none, where an address is not a "
                 "valid sender: use a sender name registered with the account (at most 11 "
-                "characters, or at most 15 digits), or leave it empty"
+                "characters, or at most 15 digits), or leave it empty (the email channel's "
+                f"address goes in {ENV_PREFIX}GATEWAY__DEFAULT_SENDERS)"
             )
-        for fmt in Format:
-            if fmt is Format.email:
-                continue
-            try:
-                check_sender(value, fmt=fmt)
-            except InvalidRequest as exc:
+        for channel in Channel:
+            if channel is not Channel.email:
+                _check_sender_name(variable, channel, value)
+        return value
+
+    @field_validator("default_senders")
+    @classmethod
+    def _senders(cls, value: dict[Channel, str]) -> dict[Channel, str]:
+        variable = f"{ENV_PREFIX}GATEWAY__DEFAULT_SENDERS"
+        for channel, sender in value.items():
+            if channel is Channel.email:
+                if sender and not is_email_sender(sender):
+                    raise ValueError(
+                        f"{variable}: the email channel's sender must be the sender's e-mail "
+                        f"address (the gateway requires it), not {sender!r}"
+                    )
+            elif is_email_sender(sender):
                 raise ValueError(
-                    f"{variable} is not a valid sender for the {fmt.name} channel: {exc.message}"
-                ) from None
+                    f"{variable}: an e-mail address is a sender on the email channel only, "
+                    f"not on {channel.value}: use a sender name registered with the account"
+                )
+            else:
+                _check_sender_name(variable, channel, sender)
         return value
 
     @field_validator("charset", mode="before")
     @classmethod
     def _charset(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+
+def _check_sender_name(variable: str, channel: Channel, sender: str) -> None:
+    try:
+        check_sender(sender, fmt=channel.gateway_format)
+    except InvalidRequest as exc:
+        raise ValueError(
+            f"{variable} is not a valid sender for the {channel.value} channel: {exc.message}"
+        ) from None
 
 
 class SmtpSettings(_Group):
@@ -476,7 +515,25 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     state: StateSettings = StateSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
-    default_channel: Format = Format.sms
+    default_channel: Channel = Field(
+        Channel.sms, description="the channel of a request that names none"
+    )
+
+    @field_validator("default_channel", mode="before")
+    @classmethod
+    def _channel(cls, value: Any) -> Any:
+        """A channel by name; a format number (the form this setting once took) is read as
+        its channel, and binary (4) and MMS (7), which are not offered, stop start-up."""
+        if isinstance(value, str) and value.strip().isdecimal() and value.isascii():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            try:
+                value = Format(value).name
+            except ValueError:
+                return value  # refused below, with the list of channels
+        if isinstance(value, str) and value in NOT_OFFERED:
+            raise ValueError(f"channel {value} is not offered: {NOT_OFFERED[value]}")
+        return value
 
     @model_validator(mode="after")
     def _delays(self) -> Settings:

@@ -246,8 +246,8 @@ class Settler:
             plan.acks.append(delivery)
         rid = subject.request_id
         if isinstance(fate, Replay):
-            replayed = ResultEvent.model_validate_json(fate.event)
-            plan.events.append(_outgoing(replayed, subject.copy, fate.event.encode()))
+            replayed, raw = ResultEvent.from_stored(fate.event)
+            plan.events.append(_outgoing(replayed, subject.copy, raw))
             return
         event = self._event(subject, fate, now)
         body = event.model_dump_json() if event is not None else ""

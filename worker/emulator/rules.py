@@ -9,9 +9,11 @@ rejects the whole e-mail (nothing in it is delivered, charged or counted as a co
     2  unknown login, wrong password, or (empty login) unknown API key
     1  bad id, translit not 0-2, format not 0-12, test not 0-2, invalid sender name, a
        line without recipients, an empty text (HLR and ping excepted) or one over 1000
-       characters, an e-mail-format line without a `subj:` line
+       characters (a voice call's parameters included), an e-mail-format line without a
+       `subj:` line or without the sender's e-mail address as the sender
     5  time not in a documented form, or tz not whole hours within -24..24
-    7  a recipient that is not valid for its line's format
+    7  a recipient that is not valid for its line's format (#ids and @nicknames are
+       valid on a Telegram line only)
     6  a denied sender, or a text holding a denied word
     8  a recipient that cannot be delivered to
     9  a line that would be more identical copies than allowed within the window; the
@@ -20,8 +22,10 @@ rejects the whole e-mail (nothing in it is delivered, charged or counted as a co
     3  the e-mail costs more SMS parts than the balance holds
 
 A text that begins with a channel prefix (`__VIBER__:` and friends, NOTES.md) is checked
-and delivered on that channel, without the prefix. `__BOT__:` names no format number, so
-such a text stays on its line's format as written.
+and delivered on that channel, without the prefix. `__BOT__:` names no format number: such
+a line is a Telegram text, a plain text (counted as format 0) to #ids, @nicknames, phone
+numbers or groups, delivered with `telegram` set. On the voice format, what follows
+`\\n~~~\\n` in a text is the call's parameters, delivered apart from the text.
 
 The 50-messages rule, as this emulator reads it: every message to a subscriber that
 follows the previous one (delivered or not) by less than the gap extends that subscriber's
@@ -43,13 +47,16 @@ from typing import NamedTuple
 from worker.errors import InvalidRequest
 from worker.protocol.decode import DecodedBody, DecodedLine, MalformedMail
 from worker.protocol.fields import (
+    BOT_PREFIX,
     MAX_TEXT_CHARS,
     MAX_TZ,
     MIN_TZ,
+    VOICE_PARAMS_SEPARATOR,
     Format,
     Translit,
     check_mail_id,
     check_sender,
+    is_email_sender,
     is_valid_time,
 )
 from worker.protocol.recipients import Recipient, parse_recipient
@@ -106,6 +113,8 @@ class Delivery:
     format: int
     sender: str
     accepted_at: float
+    telegram: bool = False
+    voice_params: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +134,21 @@ class _Refusal(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class _Channel:
+    """Where a line goes: its format, and whether it is a Telegram text (`__BOT__:`)."""
+
+    format: Format
+    telegram: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class _Line:
     format: Format
     translit: Translit
     recipients: tuple[Recipient, ...]
     text: str
+    voice_params: str | None = None
+    telegram: bool = False
 
     @property
     def parts_each(self) -> int:
@@ -160,13 +179,23 @@ class _Streak:
     length: int
 
 
-def _channel(text: str, fmt: Format) -> tuple[Format, str]:
+def _channel(text: str, fmt: Format) -> tuple[_Channel, str]:
     if text in _CHANNEL_TEXTS:
-        return _CHANNEL_TEXTS[text], ""
+        return _Channel(_CHANNEL_TEXTS[text]), ""
+    if text.startswith(BOT_PREFIX):
+        return _Channel(Format.sms, telegram=True), text.removeprefix(BOT_PREFIX)
     for prefix, channel in _CHANNEL_PREFIXES.items():
         if text.startswith(prefix):
-            return channel, text.removeprefix(prefix)
-    return fmt, text
+            return _Channel(channel), text.removeprefix(prefix)
+    return _Channel(fmt), text
+
+
+def _voice_params(channel: _Channel, text: str) -> tuple[str, str | None]:
+    """A voice text and its call's parameters (after the first `\\n~~~\\n`), if any."""
+    if channel.format != Format.voice:
+        return text, None
+    spoken, separator, params = text.partition(VOICE_PARAMS_SEPARATOR)
+    return (spoken, params) if separator else (text, None)
 
 
 def _valid_tz(tz: str | None) -> bool:
@@ -184,7 +213,7 @@ def _small_int(name: str, value: str, highest: int) -> int:
 def recipient_key(raw: str) -> str:
     """Who `raw` names, the way deliveries are keyed; unparseable input stays as it is."""
     try:
-        return parse_recipient(raw).key
+        return parse_recipient(raw, telegram=True).key
     except InvalidRequest:
         return raw
 
@@ -269,11 +298,17 @@ class Gateway:
             raise _Refusal(GatewayError.parameters, exc.message) from None
         channels = [(line, *_channel(line.text, fmt)) for line in body.lines]
         for line, channel, text in channels:
-            self._check_line_parameters(line, channel, text, body.subject)
+            self._check_line_parameters(line, channel, text, body.subject, body.sender)
         if not is_valid_time(body.time) or not _valid_tz(body.tz):
             raise _Refusal(GatewayError.date_format, f"time {body.time!r}, tz {body.tz!r}")
         lines = tuple(
-            _Line(channel, translit, self._recipients(line.phones, channel), text)
+            _Line(
+                channel.format,
+                translit,
+                self._recipients(line.phones, channel),
+                *_voice_params(channel, text),
+                telegram=channel.telegram,
+            )
             for line, channel, text in channels
         )
         self._check_denied(body.sender, lines)
@@ -292,23 +327,27 @@ class Gateway:
 
     @staticmethod
     def _check_line_parameters(
-        line: DecodedLine, channel: Format, text: str, subject: str | None
+        line: DecodedLine, channel: _Channel, text: str, subject: str | None, sender: str
     ) -> None:
         if not line.phones:
             raise _Refusal(GatewayError.parameters, "a line without recipients")
-        if not text and channel not in _TEXTLESS_FORMATS:
+        if not text and channel.format not in _TEXTLESS_FORMATS:
             raise _Refusal(GatewayError.parameters, "empty text")
         if len(text) > MAX_TEXT_CHARS:
             raise _Refusal(GatewayError.parameters, f"text of {len(text)} characters")
-        if channel == Format.email and not subject:
+        if channel.format == Format.email and not subject:
             raise _Refusal(GatewayError.parameters, "the e-mail format needs a subj: line")
+        if channel.format == Format.email and not is_email_sender(sender):
+            raise _Refusal(
+                GatewayError.parameters, "the e-mail format needs the sender's e-mail address"
+            )
 
     @staticmethod
-    def _recipients(phones: Iterable[str], fmt: Format) -> tuple[Recipient, ...]:
+    def _recipients(phones: Iterable[str], channel: _Channel) -> tuple[Recipient, ...]:
         seen: dict[str, Recipient] = {}
         for raw in phones:
             try:
-                recipient = parse_recipient(raw, fmt)
+                recipient = parse_recipient(raw, channel.format, telegram=channel.telegram)
             except InvalidRequest as exc:
                 raise _Refusal(GatewayError.phone_format, exc.message) from None
             seen.setdefault(recipient.key, recipient)
@@ -338,10 +377,12 @@ class Gateway:
             identity: tuple[object, ...] = (
                 request.account,
                 line.format,
+                line.telegram,
                 request.sender,
                 request.when,
                 frozenset(r.key for r in line.recipients),
                 line.text,
+                line.voice_params,
             )
             earlier = self._copies.get(identity)
             while earlier and earlier[0] <= window_start:
@@ -378,6 +419,8 @@ class Gateway:
                         format=int(line.format),
                         sender=request.sender,
                         accepted_at=now,
+                        telegram=line.telegram,
+                        voice_params=line.voice_params,
                     )
                 )
         return deliveries, floods, charged

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 from worker.errors import InvalidRequest
 
@@ -22,10 +22,20 @@ MAX_NUMERIC_ID = 2_147_483_647
 MAX_SENDER_NAME = 11
 MAX_SENDER_DIGITS = 15
 
-RESERVED_PREFIXES = ("__CALL__:", "__VIBER__:", "__SOC__:", "__MAIL__:", "__BOT__:")
+# A text behind this prefix goes to Telegram chat-bot users: the only channel with no format
+# number of its own, so the encoder writes the prefix itself (MailOptions.telegram).
+BOT_PREFIX = "__BOT__:"
+RESERVED_PREFIXES = ("__CALL__:", "__VIBER__:", "__SOC__:", "__MAIL__:", BOT_PREFIX)
 RESERVED_TEXTS = ("__PING__", "__HLR__")
 TEXT_TAGS = ("[text]", "[/text]")
 ESCAPED_NEWLINE = "\\n"
+# A voice text's call parameters follow a line feed, three tildes and a line feed (the seed:
+# "\n~~~\n"). The gateway offers no escape, so a voice text may not hold three tildes at all.
+VOICE_PARAMS_MARK = "~~~"
+VOICE_PARAMS_SEPARATOR = f"\n{VOICE_PARAMS_MARK}\n"
+MAX_VOICE_PARAMS = 64
+VOICE_PARAMS_PATTERN = r"[A-Za-z0-9,.=_+-]+"
+_VOICE_PARAMS = re.compile(VOICE_PARAMS_PATTERN)
 
 # Characters that str.splitlines() and mail software treat as line ends. Only "\n" has an
 # escape the gateway understands; the others cannot be carried and are refused.
@@ -86,6 +96,39 @@ class Format(IntEnum):
     viber = 10
     whatsapp = 11
     soc = 12
+
+
+class Channel(StrEnum):
+    """The channels this project offers, by name: each is a gateway format, and `telegram`,
+    which has no format number, is format 0 with every text behind `__BOT__:`. Formats 4
+    (binary: raw bytes) and 7 (MMS: attachments) are not offered: a plain-text e-mail as
+    this project builds it cannot carry them."""
+
+    sms = "sms"
+    flash = "flash"
+    wap_push = "wap_push"
+    hlr = "hlr"
+    binary_hex = "binary_hex"
+    ping = "ping"
+    email = "email"
+    voice = "voice"
+    viber = "viber"
+    whatsapp = "whatsapp"
+    soc = "soc"
+    telegram = "telegram"
+
+    @property
+    def gateway_format(self) -> Format:
+        """The format number the e-mail's first line names for this channel."""
+        return Format.sms if self is Channel.telegram else Format[self.value]
+
+
+# Gateway formats this project does not offer as channels, and why (a request or setting
+# naming one is refused with this reason).
+NOT_OFFERED = {
+    Format.binary.name: "raw bytes cannot travel in a text e-mail (binary_hex carries hex)",
+    Format.mms.name: "a text e-mail as this project builds it has no way to attach media",
+}
 
 
 class Translit(IntEnum):
@@ -217,6 +260,30 @@ def check_option_line(name: str, value: str) -> str:
             code=f"invalid_{name}",
         )
     return value
+
+
+def check_voice_params(params: str) -> str:
+    """A voice call's parameters, written after `\\n~~~\\n` at the end of its text: 1 to 64
+    of A-Z a-z 0-9 and `,.=_+-`, so they can neither end the line (nor lose a trailing
+    blank on the way) nor hold the separator or an escape the gateway would read."""
+    if len(params) > MAX_VOICE_PARAMS or not _VOICE_PARAMS.fullmatch(params):
+        raise InvalidRequest(
+            f"voice_params must be 1 to {MAX_VOICE_PARAMS} of A-Z a-z 0-9 and ,.=_+-",
+            code="invalid_voice_params",
+        )
+    return params
+
+
+def check_voice_text(text: str) -> str:
+    """A voice text must not hold `~~~`: the gateway would take what follows the separator
+    for the call's parameters, and it has no escape for it."""
+    if VOICE_PARAMS_MARK in text:
+        raise InvalidRequest(
+            "text holds '~~~', which on the voice channel starts the call's parameters "
+            "(give them in voice_params)",
+            code="unsendable_text",
+        )
+    return text
 
 
 def check_text(text: str) -> str:

@@ -3,7 +3,9 @@
 Body (NOTES.md):
     <login>:<psw>:<id>:<time>,<tz>:<translit>,<format>,<sender>,<test>:<phones>:<mes>
 or, in list mode, `...,<test>::<phones1>:<mes1>` followed by one `phones:mes` per line,
-then `subj:` / `voice:` lines where the format needs them.
+then `subj:` / `voice:` lines where the format needs them. The encoder writes two things
+into a `mes` itself, never taken from a caller's text: the `__BOT__:` prefix of a Telegram
+e-mail's every line, and a voice call's parameters after `\\n~~~\\n`.
 
 The e-mail is written by hand rather than with `email.message` so that its exact size
 is known before it is built: `MailBuilder.cost()` tells a batcher what one more line
@@ -22,7 +24,9 @@ from pydantic import SecretStr
 
 from worker.errors import InvalidRequest
 from worker.protocol.fields import (
+    BOT_PREFIX,
     TEXT_TAGS,
+    VOICE_PARAMS_SEPARATOR,
     Format,
     SendTime,
     Translit,
@@ -31,7 +35,10 @@ from worker.protocol.fields import (
     check_option_line,
     check_password,
     check_sender,
+    check_voice_params,
+    check_voice_text,
     escape_text,
+    is_email_sender,
 )
 
 # The gateway's limit, read as 100 KiB (the seed says "100 KB"): no e-mail ever passes it.
@@ -69,7 +76,9 @@ class Account:
 @dataclass(frozen=True, slots=True)
 class MailOptions:
     """First-line options: they apply to every line, so only requests that agree on all
-    of them can share an e-mail. Hashable, so it can key a batch."""
+    of them can share an e-mail. Hashable, so it can key a batch. `telegram` is not a
+    first-line field but applies to every line alike: each text is written behind
+    `__BOT__:` (Telegram has no format number; such an e-mail's first line names 0)."""
 
     send_time: SendTime = field(default_factory=SendTime)
     translit: Translit | None = None
@@ -78,6 +87,7 @@ class MailOptions:
     test: bool = True
     subject: str | None = None
     voice: str | None = None
+    telegram: bool = False
 
     def __post_init__(self) -> None:
         check_sender(self.sender, fmt=self.format)
@@ -87,21 +97,54 @@ class MailOptions:
             check_option_line("voice", self.voice)
         if self.format == Format.email and not self.subject:
             raise InvalidRequest("the email format needs a subject", code="missing_subject")
+        if self.format == Format.email and not is_email_sender(self.sender):
+            # The gateway refuses the whole e-mail (error 1) without it.
+            raise InvalidRequest(
+                "the email format needs the sender's e-mail address as its sender",
+                code="email_sender_required",
+            )
+        if self.telegram and self.format != Format.sms:
+            raise InvalidRequest(
+                "a Telegram e-mail's first line names format 0 (sms)", code="invalid_format"
+            )
+
+
+_PLAIN = MailOptions()
 
 
 @dataclass(frozen=True, slots=True)
 class ListLine:
-    """Recipients (as written on the wire) and the text they all get."""
+    """Recipients (as written on the wire) and the text they all get; on the voice format,
+    the call's parameters too."""
 
     phones: tuple[str, ...]
     text: str
+    voice_params: str | None = None
 
-    def render(self) -> str:
+    @property
+    def message(self) -> str:
+        """The message as the gateway reads it (before escaping; a Telegram prefix aside):
+        the text, then the call's parameters after `\\n~~~\\n`."""
+        if self.voice_params is None:
+            return self.text
+        return self.text + VOICE_PARAMS_SEPARATOR + self.voice_params
+
+    def render(self, options: MailOptions = _PLAIN) -> str:
+        """The line as it stands in an e-mail with these options."""
         if not self.phones:
             raise InvalidRequest("a line needs at least one recipient", code="invalid_recipient")
         for phone in self.phones:
             check_wire_recipient(phone)
-        return ",".join(self.phones) + ":" + escape_text(self.text)
+        if options.format == Format.voice:
+            check_voice_text(self.text)
+            if self.voice_params is not None:
+                check_voice_params(self.voice_params)
+        elif self.voice_params is not None:
+            raise InvalidRequest(
+                "call parameters go on the voice format only", code="invalid_voice_params"
+            )
+        prefix = BOT_PREFIX if options.telegram else ""
+        return ",".join(self.phones) + ":" + prefix + escape_text(self.message)
 
 
 def check_wire_recipient(phone: str) -> str:
@@ -250,6 +293,7 @@ class MailBuilder:
         if envelope.text_tags:
             self._lead = "[text]" + self._lead
         self._tail = trailing_lines(options)
+        self._options = options
         self._lines: list[bytes] = []
         self._date = date
         self._message_id = message_id
@@ -296,11 +340,11 @@ class MailBuilder:
 
     def cost(self, line: ListLine) -> int:
         """How many bytes adding `line` would add to the e-mail."""
-        return self._size(*self._with(self._encode(line.render()))) - self.size
+        return self._size(*self._with(self._encode(line.render(self._options)))) - self.size
 
     def try_add(self, line: ListLine) -> bool:
         """Add the line if the e-mail stays within the limit; say whether it did."""
-        encoded = self._encode(line.render())
+        encoded = self._encode(line.render(self._options))
         raw, longest = self._with(encoded)
         if self._size(raw, longest) > self._limit:
             if not self._lines:
@@ -342,7 +386,7 @@ def encode_mail(
         envelope.charset,
         [
             header_record(account, mail_id, options),
-            *(line.text for line in lines),
+            *(line.message for line in lines),
             *trailing_lines(options),
         ],
     )
@@ -376,7 +420,7 @@ def encode_single(
     message_id: str,
 ) -> bytes:
     """The single-message form `...:<phones>:<mes>`, as the vendor's own libraries send it."""
-    body = ":".join((header_record(account, mail_id, options), line.render()))
+    body = ":".join((header_record(account, mail_id, options), line.render(options)))
     texts = [body, *trailing_lines(options)]
     charset = pick_charset(envelope.charset, texts)
     if envelope.text_tags:

@@ -1,4 +1,12 @@
-"""Recipients as the gateway reads them: phone numbers, groups, e-mail addresses, #ids.
+"""Recipients as the gateway reads them: phone numbers, groups, e-mail addresses, and for
+Telegram #ids and @nicknames.
+
+Telegram (a `__BOT__:` text) reaches the chat-bot's users by ID (`#<digits>`), by
+nickname (`@name`) or by phone number where the user gave the bot theirs: the seed names
+"the subscriber's nickname or ID ... in the form of #ID" for Telegram only, and the
+vendor's page on its Telegram bots writes the three as `#uid`, `@username` and a number.
+Every other channel refuses a `#` or `@` recipient up front (`telegram_only_recipient`):
+the gateway would answer error 7 for the whole e-mail.
 
 A number given with `+` is validated as it is and never corrected (the gateway's own
 rule: `+` turns its auto-correction off). A number without `+` may be national (read with
@@ -24,17 +32,20 @@ from worker.errors import InvalidRequest
 from worker.protocol.fields import Format
 
 _GROUP = re.compile(r"G(\d{1,10})")
-_MESSENGER_ID = re.compile(r"#([A-Za-z0-9_.@-]{1,64})")
+# A Telegram user ID is a positive integer (64 bits at most).
+_TELEGRAM_ID = re.compile(r"#[0-9]{1,20}", re.ASCII)
+# A Telegram username: a letter, then letters, digits and underscores, 4 to 32 in all
+# (5 for most; 4-character names exist too).
+_TELEGRAM_NICKNAME = re.compile(r"@[A-Za-z][A-Za-z0-9_]{3,31}", re.ASCII)
 _EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 _PHONE_PUNCTUATION = re.compile(r"[\s()\-.]")
-_MESSENGER_FORMATS = frozenset({Format.viber, Format.whatsapp, Format.soc})
 
 
 class RecipientKind(StrEnum):
     phone = "phone"
     group = "group"
     email = "email"
-    messenger = "messenger"
+    telegram = "telegram"  # a #id or an @nickname
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +57,29 @@ class Recipient:
     key: str
 
 
+def _looks_telegram(value: str) -> bool:
+    """Written as a Telegram #id or @nickname (an address such as `#a@b.cc` is not)."""
+    return value[:1] in ("#", "@") and "@" not in value[1:]
+
+
 def parse_recipient(
-    raw: str, fmt: Format = Format.sms, default_region: str = "RU", national_first: bool = True
+    raw: str,
+    fmt: Format = Format.sms,
+    default_region: str = "RU",
+    national_first: bool = True,
+    *,
+    telegram: bool = False,
 ) -> Recipient:
-    """Validate one recipient for a message format, or say why it cannot be one."""
+    """Validate one recipient for a message format, or say why it cannot be one.
+    `telegram`: the text goes to Telegram (behind `__BOT__:`), where #ids and @nicknames
+    are taken besides phone numbers and groups."""
     value = raw.strip()
     if not value:
         raise InvalidRequest("empty recipient", code="invalid_recipient")
+    if telegram and fmt == Format.email:
+        raise InvalidRequest("a Telegram text is not an e-mail", code="invalid_recipient")
+    if _looks_telegram(value):
+        return _parse_telegram(raw, value, fmt, telegram)
     if fmt == Format.email:
         if _EMAIL.fullmatch(value) and len(value) <= 254:
             return Recipient(RecipientKind.email, value, value.lower())
@@ -62,15 +89,27 @@ def parse_recipient(
         )
     if _GROUP.fullmatch(value):
         return Recipient(RecipientKind.group, value, value)
-    messenger = _MESSENGER_ID.fullmatch(value)
-    if messenger:
-        if fmt not in _MESSENGER_FORMATS:
-            raise InvalidRequest(
-                f"{raw!r}: #id recipients need a messenger channel (viber, whatsapp, soc)",
-                code="invalid_recipient",
-            )
-        return Recipient(RecipientKind.messenger, value, value)
     return _parse_phone(raw, value, default_region, national_first)
+
+
+def _parse_telegram(raw: str, value: str, fmt: Format, telegram: bool) -> Recipient:
+    if not telegram:
+        raise InvalidRequest(
+            f"{raw!r}: #id and @nickname recipients are Telegram's, for the telegram channel "
+            f"only; the {fmt.name} channel takes "
+            + ("e-mail addresses" if fmt == Format.email else "phone numbers and G<n> groups"),
+            code="telegram_only_recipient",
+        )
+    if _TELEGRAM_ID.fullmatch(value):
+        return Recipient(RecipientKind.telegram, value, value)
+    if _TELEGRAM_NICKNAME.fullmatch(value):
+        # Telegram usernames are case-insensitive: @Shop_Bot and @shop_bot are one user.
+        return Recipient(RecipientKind.telegram, value, value.lower())
+    raise InvalidRequest(
+        f"{raw!r} is not a Telegram recipient: #<digits> (an ID) or @<nickname> (a letter, "
+        "then letters, digits or _, 4 to 32 in all)",
+        code="invalid_recipient",
+    )
 
 
 def _international(digits: str) -> str | None:
@@ -91,7 +130,7 @@ def _parse_phone(raw: str, value: str, default_region: str, national_first: bool
     digits = compact[1:] if explicit else compact
     if not digits.isdecimal() or not digits.isascii():
         raise InvalidRequest(
-            f"{raw!r} is not a phone number, group (G<n>), e-mail address or #id",
+            f"{raw!r} is not a phone number or group (G<n>)",
             code="invalid_recipient",
         )
     international = None if explicit else _international(digits)
@@ -125,11 +164,13 @@ def parse_recipients(
     fmt: Format = Format.sms,
     default_region: str = "RU",
     national_first: bool = True,
+    *,
+    telegram: bool = False,
 ) -> tuple[Recipient, ...]:
     """Each recipient validated; the same person named twice is kept once."""
     seen: dict[str, Recipient] = {}
     for raw in raws:
-        recipient = parse_recipient(raw, fmt, default_region, national_first)
+        recipient = parse_recipient(raw, fmt, default_region, national_first, telegram=telegram)
         seen.setdefault(recipient.key, recipient)
     if not seen:
         raise InvalidRequest("at least one recipient is required", code="invalid_recipient")
