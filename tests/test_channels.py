@@ -47,8 +47,8 @@ def test_a_telegram_request_is_format_0_behind_the_bot_prefix() -> None:
     assert done.line == ListLine(("#42", "@Shop_Bot", PHONE), "Your code: 1234")
     assert done.line.render(options) == f"#42,@Shop_Bot,{PHONE}:__BOT__:Your code: 1234"
     assert [r.key for r in done.recipients] == ["#42", "@shop_bot", PHONE]
-    # Parts are counted on the text the user gets, without the prefix.
-    assert (done.sms_parts, done.sms_count) == (1, 3)
+    # A message to a chat bot is no SMS: no parts to count.
+    assert (done.sms_parts, done.sms_count) == (None, None)
 
 
 def test_telegram_is_the_default_channel_when_configured() -> None:
@@ -183,7 +183,7 @@ async def test_telegram_requests_go_to_the_gateway_behind_the_bot_prefix(
     mail_of = {i: results.of(i)[-1].gateway_id for i in ids}
     assert mail_of["tg-1"] == mail_of["tg-2"] != mail_of["sms-1"]
     accepted = results.of("tg-1")[-1]
-    assert (accepted.schema_version, accepted.sms_parts, accepted.sms_count) == (2, 1, 2)
+    assert (accepted.schema_version, accepted.sms_parts, accepted.sms_count) == (2, None, None)
     [refused] = results.of("sms-id")
     assert refused.error is not None and refused.error.code == "telegram_only_recipient"
     # The gateway never saw the refused request, nor any error from it.

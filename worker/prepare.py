@@ -159,6 +159,7 @@ def prepare(
         recipients=recipients,
         line=line,
         key=BatchKey(options, charset, group, lane),
-        sms_parts=sms_parts(text, fmt, translit or Translit.off),
+        # A Telegram text rides on format 0 but is no SMS: no count, as for messengers.
+        sms_parts=None if telegram else sms_parts(text, fmt, translit or Translit.off),
         content_key=content_key(options, recipients, line.message),
     )

@@ -155,7 +155,7 @@ class _Line:
         """What one recipient costs: the worker's own count where it has one; where the seed
         does not say (not an SMS), this emulator charges one part, which the worker, having
         no count of its own there, does not compare."""
-        parts = sms_parts(self.text, self.format, self.translit)
+        parts = None if self.telegram else sms_parts(self.text, self.format, self.translit)
         return 1 if parts is None else parts
 
     @property
