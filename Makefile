@@ -2,7 +2,7 @@
 VENV := .venv
 UV := $(shell command -v uv 2>/dev/null || echo .uv-venv/bin/uv)
 
-.PHONY: run test faults lint bench bench-lanes schemas rabbitmq redis promtool
+.PHONY: run test faults lint bench bench-lanes schemas rabbitmq redis promtool dovecot
 
 .uv-venv/bin/uv:
 	python3 -m venv .uv-venv
@@ -23,6 +23,10 @@ redis:
 promtool:
 	scripts/ensure-promtool
 
+# The mailbox server of the IMAP reply source's tests (and of trying that mode by hand).
+dovecot:
+	scripts/ensure-dovecot
+
 run: $(VENV)/.synced rabbitmq
 	$(VENV)/bin/smsc-worker run --emulator
 
@@ -31,7 +35,7 @@ lint: $(VENV)/.synced
 	$(VENV)/bin/ruff format --check worker tests bench
 	$(VENV)/bin/mypy worker
 
-test: lint rabbitmq redis promtool
+test: lint rabbitmq redis promtool dovecot
 	$(VENV)/bin/pytest -n 2 -q
 
 faults: lint rabbitmq redis

@@ -613,12 +613,9 @@ def test_keda_scales_on_every_lanes_queue(chart: helm.Chart) -> None:
     ]
 
 
-def test_rendered_configuration_loads_in_the_worker(
-    chart: helm.Chart, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The ConfigMap's variables and the Secret's files, as the pod sees them, are valid
-    worker settings and carry the values given to the chart."""
-    docs = render(chart, VALUE_SETS["options"])
+def loaded(docs: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The worker's settings from the ConfigMap's variables and the Secret's files, as the
+    pod sees them."""
     secrets_dir = tmp_path / "secrets"
     secrets_dir.mkdir()
     for key, value in one(docs, "Secret")["data"].items():
@@ -629,8 +626,48 @@ def test_rendered_configuration_loads_in_the_worker(
     for name, value in one(docs, "ConfigMap")["data"].items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SMSC_SECRETS_DIR", str(secrets_dir))
+    return Settings()
 
-    settings = Settings()
+
+def test_the_imap_reply_source_reaches_the_worker(
+    chart: helm.Chart, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = (
+        CREDENTIALS
+        + """
+  imapPassword: m4ilbox-pass
+settings:
+  reply:
+    source: imap
+    address: sms@example.net
+    imap:
+      host: imap.example.net
+      user: sms@example.net
+      processed_folder: SMS/done
+      poll_interval_s: 15.5
+"""
+    )
+    docs = render(chart, values)
+    config = one(docs, "ConfigMap")["data"]
+    assert config["SMSC_REPLY__IMAP__HOST"] == "imap.example.net"
+    assert "m4ilbox-pass" not in json.dumps(config)
+    reply = loaded(docs, tmp_path, monkeypatch).reply
+    assert reply.source == "imap"
+    assert (reply.imap.host, reply.imap.port, reply.imap.security) == (
+        "imap.example.net",
+        993,
+        "tls",
+    )
+    assert (reply.imap.processed_folder, reply.imap.poll_interval_s) == ("SMS/done", 15.5)
+    assert reply.imap.password.get_secret_value() == "m4ilbox-pass"
+
+
+def test_rendered_configuration_loads_in_the_worker(
+    chart: helm.Chart, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ConfigMap's variables and the Secret's files, as the pod sees them, are valid
+    worker settings and carry the values given to the chart."""
+    settings = loaded(render(chart, VALUE_SETS["options"]), tmp_path, monkeypatch)
     assert settings.amqp.url.get_secret_value().startswith("amqps://worker:s3cret@")
     assert settings.gateway.password.get_secret_value() == "api-key"
     assert settings.smtp.password.get_secret_value() == "smtp-pass"
@@ -664,6 +701,10 @@ def _settings_fields() -> dict[str, Any]:
 
     def field(prop: dict[str, Any]) -> dict[str, Any]:
         resolved = resolve(prop)
+        if "properties" in resolved:  # a group within a group (reply.imap)
+            return {
+                f: field(p) for f, p in resolved["properties"].items() if not p.get("writeOnly")
+            }
         found = {k: resolved[k] for k in kept if k in resolved}
         # A mapping setting: the schema of its keys and of its values (types only).
         for part in ("additionalProperties", "propertyNames"):
@@ -692,16 +733,19 @@ def test_settings_schema_matches_the_worker() -> None:
     """values.schema.json's settings are the worker's non-secret settings, with the same
     types and limits: a setting added to or changed in worker/settings.py must be added to
     or changed in the chart's schema too."""
+
+    def fields(node: dict[str, Any]) -> dict[str, Any]:
+        # A group's settings, a group within a group's too; a mapping setting (an object
+        # with no properties) is one setting.
+        if "properties" not in node:
+            entry = node.get("additionalProperties")
+            if isinstance(entry, dict) and "properties" in entry:  # named entries: accounts
+                return fields(entry)
+            return node
+        return {name: fields(child) for name, child in node["properties"].items()}
+
     chart_settings = SCHEMA["properties"]["settings"]["properties"]
-    actual = {
-        name: (
-            node.get("properties") or node["additionalProperties"]["properties"]
-            if node.get("type") == "object"
-            else node
-        )
-        for name, node in chart_settings.items()
-    }
-    assert actual == _settings_fields()
+    assert {name: fields(node) for name, node in chart_settings.items()} == _settings_fields()
 
 
 # Objects whose contents are Kubernetes structures passed through to the API as they are;

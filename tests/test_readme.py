@@ -12,19 +12,19 @@ from worker.settings import ENV_PREFIX, AccountSettings, Settings
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def setting_variables() -> set[str]:
+def setting_variables(model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX) -> set[str]:
     names = set()
-    for group, field in Settings.model_fields.items():
-        model = field.annotation
-        if isinstance(model, type) and issubclass(model, BaseModel):
-            names |= {f"{ENV_PREFIX}{group}__{name}".upper() for name in model.model_fields}
-        elif group == "accounts":  # named entries: SMSC_ACCOUNTS__<NAME>__<FIELD>
+    for name, field in model.model_fields.items():
+        inner = field.annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            names |= setting_variables(inner, f"{prefix}{name}__")
+        elif model is Settings and name == "accounts":  # SMSC_ACCOUNTS__<NAME>__<FIELD>
             names |= {
-                f"{ENV_PREFIX}{group}__<NAME>__{name}".upper()
-                for name in AccountSettings.model_fields
+                f"{prefix}{name}__<NAME>__{field_name}".upper()
+                for field_name in AccountSettings.model_fields
             }
         else:
-            names.add(f"{ENV_PREFIX}{group}".upper())
+            names.add(f"{prefix}{name}".upper())
     return names
 
 

@@ -512,6 +512,23 @@ async def test_a_mail_is_taken_by_one_reply_at_a_time(make: MakeHarness) -> None
     assert await store.unanswered(time.time() + 3600) == []
 
 
+async def test_a_mail_whose_reply_was_applied_is_known_as_replied(make: MakeHarness) -> None:
+    """A mailbox reads a reply again after a crash before moving it: the ledger must tell
+    "applied already" from "never heard of" (an e-mail that ended without a reply)."""
+    store = await (await make()).store()
+    for mail_id, request_id in (("m1", "r1"), ("m2", "r2")):
+        await claim(store, request_id)
+        await store.begin_sending(record(mail_id, request_id))
+        assert await store.take_mail(mail_id) is not None
+    await store.finish(Finish(replied=["m1"]))
+    await store.finish(Finish(mails_done=["m2"]))
+    assert await store.take_mail("m1") is None and await store.take_mail("m2") is None
+    assert await store.mail_replied("m1")
+    assert not await store.mail_replied("m2")
+    assert not await store.mail_replied("m3")
+    assert await store.unanswered(time.time() + 3600) == []
+
+
 async def test_a_mail_is_known_from_its_record_until_it_is_settled(make: MakeHarness) -> None:
     harness = await make()
     store = await harness.store()

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from worker.contract import ResultEvent, Status
 from worker.lanes import Lane
 from worker.ledger import CircuitView
+from worker.reply_imap import NOT_REPLY_REASONS
 from worker.reply_receiver import REFUSAL_REASONS
 
 # Added to every request on receipt (unless a previous attempt did), in epoch milliseconds:
@@ -154,6 +155,27 @@ class Metrics:
             "e-mail (the requests are still accepted)",
             registry=r,
         )
+        self.imap_connected = Gauge(
+            "smsc_imap_connected", "1 while the reply mailbox (IMAP) is connected", registry=r
+        )
+        self.imap_last_poll = Gauge(
+            "smsc_imap_last_poll_timestamp_seconds",
+            "When the reply mailbox was last read to its end (Unix time)",
+            registry=r,
+        )
+        self.imap_replies = Counter(
+            "smsc_imap_replies",
+            "Replies read from the mailbox and settled (then moved to the processed folder)",
+            registry=r,
+        )
+        self.imap_not_replies = Counter(
+            "smsc_imap_not_replies",
+            "Messages moved to the not-a-reply folder, by reason: bounce, too_large, sender, "
+            "address, token, authentication, mail_id_mismatch, ambiguous, unknown_mail, "
+            "unreadable",
+            ["reason"],
+            registry=r,
+        )
         self.state_up = Gauge("smsc_state_up", "1 while the shared state store answers", registry=r)
         self.circuit = Gauge(
             "smsc_circuit_state",
@@ -187,6 +209,8 @@ class Metrics:
         # Zeros from the start: a rate over a series that appears late misses its first step.
         for reason in REFUSAL_REASONS:
             self.replies_refused.labels(reason)
+        for reason in NOT_REPLY_REASONS:
+            self.imap_not_replies.labels(reason)
         for answer in ("ok", "error"):
             self.replies.labels(answer)
 

@@ -32,6 +32,7 @@ import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Any
 
 from worker.logs import MASK
@@ -189,6 +190,57 @@ class ReplyAddresses:
         return None, "token"
 
 
+def sender_allowed(allowed: Sequence[str], address: str) -> bool:
+    """Whether an envelope sender is one of `allowed` (lowercased addresses or `@domain`s;
+    none: any sender)."""
+    if not allowed:
+        return True
+    address = address.lower()
+    domain = "@" + address.rpartition("@")[2]
+    return "@" in address and (address in allowed or domain in allowed)
+
+
+def verified_recipients(
+    addresses: ReplyAddresses, recipients: Iterable[str]
+) -> tuple[set[str], set[str]]:
+    """(the e-mails, the tokens) of those `recipients` that are reply addresses whose token
+    verifies: the e-mails a reply to them may answer."""
+    mail_ids: set[str] = set()
+    tokens: set[str] = set()
+    for address in recipients:
+        mail_id, _ = addresses.read(address)
+        if mail_id is not None:
+            mail_ids.add(mail_id)
+            tokens.add(address.rpartition("@")[0].rpartition(TOKEN_SEPARATOR)[2])
+    return mail_ids, tokens
+
+
+class BodyId(Enum):
+    """How the ID in a reply's body stands to the e-mail its (verified) address names."""
+
+    agrees = "agrees"  # none, or the address's own
+    other_mail = "other_mail"  # another e-mail still waiting: refused, its token never verified
+    ignored = "ignored"  # no known e-mail (mangled on the way): the address's e-mail decides
+
+
+async def read_body_id(reply: Reply, mail_id: str, known_mail: KnownMail) -> BodyId:
+    """Which of `BodyId` the reply's body ID is, beside `mail_id` (the e-mail its address
+    verified); an ignored one is logged here. Raises what `known_mail` raises: the reply
+    can then be neither refused nor applied, only taken again later."""
+    named = reply.mail_id
+    if named is None or named.lower() == mail_id:
+        return BodyId.agrees
+    if await known_mail(named.lower()):
+        return BodyId.other_mail
+    log.warning(
+        "reply to e-mail %s names %r in its body, no known e-mail: that ID is "
+        "ignored and the reply applies to its address's e-mail",
+        mail_id,
+        named,
+    )
+    return BodyId.ignored
+
+
 def _peer_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         ip = ipaddress.ip_address(peer[0])
@@ -239,17 +291,10 @@ class ReplyHandler:
         self._refuse("peer", "connection from %s, outside the allowed networks", peer)
         return False
 
-    def _sender_allowed(self, address: str) -> bool:
-        if not self._senders:
-            return True
-        address = address.lower()
-        domain = "@" + address.rpartition("@")[2]
-        return "@" in address and (address in self._senders or domain in self._senders)
-
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
-        if not self._sender_allowed(address):
+        if not sender_allowed(self._senders, address):
             self._refuse("sender", "envelope sender %r from %s", address, session.peer)
             return "550 5.7.1 sender not allowed"
         envelope.mail_from = address
@@ -274,39 +319,30 @@ class ReplyHandler:
         except UnreadableReply as exc:
             return await self._unreadable(raw, str(exc), envelope)
         # Every recipient verified at RCPT: these are the e-mails the reply may answer.
-        addressed: set[str] = set()
-        for address in envelope.rcpt_tos:
-            verified, _ = self._addresses.read(address)
-            if verified is not None:
-                addressed.add(verified)
+        addressed, _ = verified_recipients(self._addresses, envelope.rcpt_tos)
         if len(addressed) != 1:
             self._refuse("ambiguous", "one reply addressed to e-mails %s", sorted(addressed))
             return "550 5.7.1 one reply answers one e-mail"
         (mail_id,) = addressed
-        named = reply.mail_id
-        if named is not None and named.lower() != mail_id:
-            try:
-                other_known = await self._known_mail(named.lower())
-            except Exception:
-                log.exception("could not look up e-mail %r named by a reply to %s", named, mail_id)
-                return "451 4.3.0 reply not recorded, try again later"
-            if other_known:
-                self._refuse(
-                    "mail_id_mismatch",
-                    "reply to e-mail %s names e-mail %r in its body, from %s",
-                    mail_id,
-                    named,
-                    session.peer,
-                )
-                return "550 5.7.1 the reply names another e-mail than its address"
-            self._body_id_ignored()
-            log.warning(
-                "reply to e-mail %s names %r in its body, no known e-mail: that ID is "
-                "ignored and the reply applies to its address's e-mail",
-                mail_id,
-                named,
+        try:
+            body_id = await read_body_id(reply, mail_id, self._known_mail)
+        except Exception:
+            log.exception(
+                "could not look up e-mail %r named by a reply to %s", reply.mail_id, mail_id
             )
-        if named is not None:
+            return "451 4.3.0 reply not recorded, try again later"
+        if body_id == BodyId.other_mail:
+            self._refuse(
+                "mail_id_mismatch",
+                "reply to e-mail %s names e-mail %r in its body, from %s",
+                mail_id,
+                reply.mail_id,
+                session.peer,
+            )
+            return "550 5.7.1 the reply names another e-mail than its address"
+        if body_id == BodyId.ignored:
+            self._body_id_ignored()
+        if reply.mail_id is not None:
             # What is handed on names the e-mail the token verified, as that one decides.
             reply = replace(reply, mail_id=mail_id)
         try:
@@ -319,13 +355,7 @@ class ReplyHandler:
     async def _unreadable(self, raw: bytes, reason: str, envelope: Any) -> str:
         """Keep a copy of a reply that could not be read, then answer 250; 451 when the
         copy could not be kept, so that the reply comes again rather than be lost."""
-        mail_ids: set[str] = set()
-        tokens: set[str] = set()
-        for address in envelope.rcpt_tos:
-            mail_id, _ = self._addresses.read(address)
-            if mail_id is not None:
-                mail_ids.add(mail_id)
-                tokens.add(address.rpartition("@")[0].rpartition(TOKEN_SEPARATOR)[2])
+        mail_ids, tokens = verified_recipients(self._addresses, envelope.rcpt_tos)
         if self._keep_unreadable is None:
             log.error("unreadable gateway reply from %s: %s", envelope.mail_from, reason)
             return "250 OK (unreadable reply logged)"

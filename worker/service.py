@@ -83,6 +83,7 @@ from worker.protocol.mail import Envelope, MailBuilder
 from worker.protocol.recipients import sms_count
 from worker.protocol.replies import Accepted as AcceptedReply
 from worker.protocol.replies import Action, Rejected, Reply
+from worker.reply_imap import ImapReplies, MailJudge, ReplyOutcome
 from worker.reply_receiver import (
     UNREADABLE_REPLY,
     ReplyAddresses,
@@ -247,6 +248,7 @@ class Service:
         # connection busy with bulk.
         self._smtp: dict[bool, GatewaySmtp] = {}
         self._reply_server: asyncio.Server | None = None
+        self.imap_replies: ImapReplies | None = None
         self._consumer_tags: dict[tuple[str, Lane], str] = {}
         # Start and stop come from the intake, the submissions, replies and the state
         # watcher: one at a time, or two consumers could be started.
@@ -318,6 +320,54 @@ class Service:
                 "SMSC_REPLY__TOKEN_KEY is empty: the key of the reply address tokens is "
                 "derived from the gateway password (set a key of its own to rotate it apart)"
             )
+        if s.reply.source == "imap":
+            self._start_imap()
+        else:
+            await self._start_listener()
+        await self.broker.connect()
+        for loop in (
+            self._intake_loop,
+            self._flush_when_due,
+            self._expire_unanswered,
+            self._watch_state,
+        ):
+            self._background.append(asyncio.create_task(self._keep_running(loop)))
+        if self.imap_replies is not None:
+            self._background.append(asyncio.create_task(self._keep_running(self.imap_replies.run)))
+        for name, store in self.stores.items():
+            if await store.account_stopped() is not None:
+                self._note_account_stopped(name)
+        await self._start_consuming()
+        if self.imap_replies is not None:
+            where = f"from imap://{s.reply.imap.host}:{s.reply.imap.port}/{s.reply.imap.folder}"
+        else:
+            where = f"on {s.reply.host}:{self.reply_port}"
+        log.info(
+            "consuming %s; replies %s",
+            ", ".join(s.amqp.queue(lane, name) for name in self.accounts for lane in Lane),
+            where,
+        )
+
+    def _start_imap(self) -> None:
+        s = self.settings
+        if s.reply.imap.security == "none":
+            log.warning("SMSC_REPLY__IMAP__SECURITY=none: the mailbox password travels in clear")
+        if not s.reply.imap.plus_addressing and not s.reply.imap.authserv_id:
+            log.warning(
+                "SMSC_REPLY__IMAP__INSECURE_BODY_ID_ONLY=true: any message naming a gateway "
+                "id in its body is taken for its reply (anyone who knows one can answer)"
+            )
+        self.imap_replies = ImapReplies(
+            s.reply,
+            MailJudge(self.reply_addresses, s.reply, s.gateway.address),
+            self.apply_reply,
+            self._knows_mail,
+            self.keep_unreadable_reply,
+            self.telemetry.metrics,
+        )
+
+    async def _start_listener(self) -> None:
+        s = self.settings
         handler = ReplyHandler(
             self.reply_addresses,
             self.on_reply,
@@ -348,24 +398,6 @@ class Service:
             ),
             require_starttls=False,
         )
-        await self.broker.connect()
-        for loop in (
-            self._intake_loop,
-            self._flush_when_due,
-            self._expire_unanswered,
-            self._watch_state,
-        ):
-            self._background.append(asyncio.create_task(self._keep_running(loop)))
-        for name, store in self.stores.items():
-            if await store.account_stopped() is not None:
-                self._note_account_stopped(name)
-        await self._start_consuming()
-        log.info(
-            "consuming %s; replies on %s:%d",
-            ", ".join(s.amqp.queue(lane, name) for name in self.accounts for lane in Lane),
-            s.reply.host,
-            self.reply_port,
-        )
 
     @property
     def reply_port(self) -> int:
@@ -382,6 +414,7 @@ class Service:
             and not self.draining
             and self.state_ok
             and any(self.circuits[name] == CircuitView.closed for name in consuming)
+            and (self.imap_replies is None or self.imap_replies.healthy(time.time()))
         )
 
     def stop(self) -> None:
@@ -768,7 +801,7 @@ class Service:
         mail_id = new_mail_id()
         return MailBuilder(
             Envelope(
-                mail_from=self.reply_addresses.address(mail_id),
+                mail_from=self.reply_from(mail_id),
                 gateway_address=self.settings.gateway.address,
                 charset=self.settings.gateway.charset,
                 text_tags=self.settings.gateway.text_tags,
@@ -963,7 +996,7 @@ class Service:
     async def _submit_mail(self, batch: Batch[Pending], live: list[Pending], mail: bytes) -> None:
         with self.telemetry.smtp(batch.mail_id, len(live), len(mail), live[0].account) as smtp_call:
             result = await self._smtp[batch.key.lane == Lane.high].submit(
-                self.reply_addresses.address(batch.mail_id),
+                self.reply_from(batch.mail_id),
                 self.settings.gateway.address,
                 mail,
             )
@@ -977,6 +1010,14 @@ class Service:
         )
         items, mails_done = self._after_smtp(result, batch.mail_id, live)
         await self._settle(items, mails_done, account=live[0].account)
+
+    def reply_from(self, mail_id: str) -> str:
+        """The From of e-mail `mail_id`: its reply address with its token, or the bare
+        address for a mailbox without plus-addressing (its replies matched by body ID)."""
+        reply = self.settings.reply
+        if reply.source == "imap" and not reply.imap.plus_addressing:
+            return reply.address
+        return self.reply_addresses.address(mail_id)
 
     def _after_smtp(
         self, result: SubmitResult, mail_id: str, live: list[Pending]
@@ -1016,6 +1057,10 @@ class Service:
         they could not be settled, so that the reply is sent again. Only the reply receiver
         calls it, for an e-mail whose reply address verified (its token): that is what lets
         errors 2 and 4 stop or pause the whole account."""
+        await self.apply_reply(mail_id, reply)
+
+    async def apply_reply(self, mail_id: str, reply: Reply) -> ReplyOutcome:
+        """`on_reply`, saying what became of the reply: a mailbox files it by that."""
         if mail_id in self._replies:
             raise MailBusy(f"a reply to e-mail {mail_id} is being handled")
         self._replies.add(mail_id)
@@ -1025,8 +1070,11 @@ class Service:
                 await asyncio.shield(submitting)
             found = await self._take_mail(mail_id)
             if found is None:
+                if await self._mail_replied(mail_id):
+                    log.info("reply to e-mail %s applied already: nothing to change", mail_id)
+                    return ReplyOutcome.applied_before
                 log.warning("reply for unknown or already answered e-mail %s: %s", mail_id, reply)
-                return
+                return ReplyOutcome.unknown_mail
             account, record = found
             try:
                 with self.telemetry.reply(record, reply, account):
@@ -1035,6 +1083,7 @@ class Service:
                 with contextlib.suppress(StateUnavailable):
                     await self.stores[account].give_back_mail(mail_id)
                 raise
+            return ReplyOutcome.applied
         finally:
             self._replies.discard(mail_id)
 
@@ -1051,6 +1100,13 @@ class Service:
     async def _knows_mail(self, mail_id: str) -> bool:
         for store in self.stores.values():
             if await store.knows_mail(mail_id):
+                return True
+        return False
+
+    async def _mail_replied(self, mail_id: str) -> bool:
+        """Whether some account's ledger has the reply to this e-mail applied already."""
+        for store in self.stores.values():
+            if await store.mail_replied(mail_id):
                 return True
         return False
 
@@ -1124,7 +1180,10 @@ class Service:
                 self._note_account_stopped(account)
                 await self._stop_consuming(account)
         await self.settler.settle(
-            list(zip(subjects, fates, strict=True)), mails_done=[record.mail_id], account=account
+            list(zip(subjects, fates, strict=True)),
+            mails_done=[record.mail_id],
+            account=account,
+            replied=True,
         )
 
     async def _note_split(

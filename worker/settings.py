@@ -265,7 +265,78 @@ class SmtpSettings(_Group):
         return self
 
 
+class ImapSettings(_Group):
+    """The mailbox the gateway's replies are read from when `reply.source` is `imap`."""
+
+    host: str = Field("", description="the IMAP server (required with source imap)")
+    port: int = Field(993, ge=1, le=65535)
+    security: Literal["tls", "none"] = Field(
+        "tls",
+        description="tls: implicit TLS (port 993), certificate and host name verified; none: "
+        "cleartext, password included (a mail server on the same host or network only)",
+    )
+    ca_file: str = Field("", description="CA bundle to verify the server with; empty: the system's")
+    user: str = Field("", description="the mailbox's login (required with source imap)")
+    password: SecretStr = SecretStr("")
+    folder: str = Field("INBOX", description="where the replies arrive")
+    processed_folder: str = Field(
+        "smsc-replies-done", description="replies go here once applied (created if missing)"
+    )
+    not_reply_folder: str = Field(
+        "smsc-not-replies",
+        description="bounces, spam, forged replies and replies to unknown or expired e-mails "
+        "go here (created if missing), never applied",
+    )
+    plus_addressing: bool = Field(
+        True,
+        description="the mailbox takes local+tag@domain: replies carry the address token; "
+        "false: e-mails go out From the bare address and a reply is matched by the ID in its "
+        "body, accepted only when Authentication-Results of authserv_id show the gateway's "
+        "domain passing SPF or DKIM",
+    )
+    authserv_id: str = Field(
+        "",
+        description="the mail provider's authserv-id: only its Authentication-Results "
+        "headers are believed (needed without plus-addressing)",
+    )
+    gateway_domain: str = Field(
+        "",
+        description="the domain that must pass SPF or DKIM (itself or a subdomain); empty: "
+        "the domain of the gateway's address",
+    )
+    insecure_body_id_only: bool = Field(
+        False,
+        description="without plus-addressing and without authserv_id, accept any reply "
+        "whose body names an e-mail: anyone who knows a gateway id can answer for it",
+    )
+    poll_interval_s: float = Field(
+        30.0,
+        gt=0,
+        description="how often the folder is read without IDLE; with IDLE, the longest "
+        "wait before it is read again anyway",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="deadline for one IMAP command")
+    reconnect_max_s: float = Field(
+        60.0, gt=0, description="longest wait between reconnection attempts (doubling from 1 s)"
+    )
+
+    @model_validator(mode="after")
+    def _folders(self) -> ImapSettings:
+        if len({self.folder, self.processed_folder, self.not_reply_folder}) != 3:
+            raise ValueError(
+                f"{ENV_PREFIX}REPLY__IMAP__FOLDER, __PROCESSED_FOLDER and __NOT_REPLY_FOLDER "
+                "must be three different folders"
+            )
+        return self
+
+
 class ReplySettings(_Group):
+    source: Literal["smtp", "imap"] = Field(
+        "smtp",
+        description="smtp: the built-in listener takes the replies (an MX pointed at it); "
+        "imap: they are read from a mailbox (reply.imap)",
+    )
+    imap: ImapSettings = ImapSettings()
     host: str = "0.0.0.0"
     port: int = Field(2525, ge=0, le=65535)
     address: str = Field(
@@ -352,6 +423,27 @@ class ReplySettings(_Group):
         except ValueError as exc:
             raise ValueError(f"{ENV_PREFIX}REPLY__ALLOWED_SENDERS: {exc}") from None
         return value
+
+    @model_validator(mode="after")
+    def _imap(self) -> ReplySettings:
+        if self.source != "imap":
+            return self
+        imap = f"{ENV_PREFIX}REPLY__IMAP__"
+        if not self.imap.host or not self.imap.user:
+            raise ValueError(f"source imap needs {imap}HOST and {imap}USER")
+        if (
+            not self.imap.plus_addressing
+            and not self.imap.authserv_id
+            and not self.imap.insecure_body_id_only
+        ):
+            raise ValueError(
+                f"{imap}PLUS_ADDRESSING=false: a reply can then only be matched by the ID in "
+                "its body, which every producer sees in its events; set "
+                f"{imap}AUTHSERV_ID to the provider's authserv-id (its Authentication-Results "
+                f"must show the gateway's domain passing SPF or DKIM), or accept the risk with "
+                f"{imap}INSECURE_BODY_ID_ONLY=true"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tls_files(self) -> ReplySettings:

@@ -189,11 +189,13 @@ class Settler:
         *,
         mails_done: Sequence[str] = (),
         account: str = DEFAULT_ACCOUNT,
+        replied: bool = False,
     ) -> None:
         """Apply a set of fates. Never raises for a set with deliveries (what cannot be
         recorded goes back to the queue); raises for one without, so that its source (a
         reply) is asked again. `mails_done`: e-mails of `account` whose records go with the
-        set. The ledger steps are written per account, to its own store."""
+        set; `replied`: they go because their reply was applied (the ledger marks them so).
+        The ledger steps are written per account, to its own store."""
         plan = _Plan()
         now = time.time()
         for subject, fate in items:
@@ -239,7 +241,9 @@ class Settler:
             await self._acker.settle((), [*plan.acks, *plan.requeues])
             return
         if not with_deliveries and mails_done:
-            await self._stores[account].finish(Finish(mails_done=mails_done))
+            await self._stores[account].finish(
+                Finish(replied=mails_done) if replied else Finish(mails_done=mails_done)
+            )
         if plan.submitted:
             self._telemetry.submitted((s.copy.headers, s.lane) for s in plan.submitted)
         await self._acker.settle(plan.acks, plan.requeues)
@@ -410,7 +414,12 @@ def _dead_lettered(fate: Fate) -> bool:
 
 def _has_steps(finish: Finish) -> bool:
     return bool(
-        finish.sent or finish.answered or finish.released or finish.refunds or finish.mails_done
+        finish.sent
+        or finish.answered
+        or finish.released
+        or finish.refunds
+        or finish.mails_done
+        or finish.replied
     )
 
 

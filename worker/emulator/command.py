@@ -77,6 +77,13 @@ def emulator_command(
             help="SMTP server that reply e-mails are sent through. Default: no replies.",
         ),
     ] = None,
+    relay_lmtp: Annotated[
+        bool,
+        typer.Option(
+            "--relay-lmtp",
+            help="--relay is an LMTP server (a Dovecot): replies go straight into its mailboxes.",
+        ),
+    ] = False,
     reply_from: Annotated[
         str, typer.Option(help="From address of reply e-mails.")
     ] = DEFAULT_GATEWAY_ADDRESS,
@@ -139,6 +146,7 @@ def emulator_command(
             denied_words=frozenset(deny_word or ()),
             undeliverable=frozenset(undeliverable or ()),
             reply_relay=relay,
+            reply_lmtp=relay_lmtp,
             reply_from=reply_from,
             reply_charset=reply_charset,
             latency_s=latency,

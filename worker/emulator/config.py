@@ -62,6 +62,11 @@ class EmulatorConfig(BaseModel):
     reply_relay: tuple[str, int] | None = Field(
         None, description="SMTP host:port that reply e-mails go to; None: no replies"
     )
+    reply_lmtp: bool = Field(
+        False,
+        description="reply_relay speaks LMTP: replies are delivered straight into a mailbox "
+        "server (Dovecot), for the worker's IMAP reply source",
+    )
     reply_from: str = DEFAULT_GATEWAY_ADDRESS
     reply_charset: Literal["utf-8", "cp1251", "koi8-r"] = Field(
         "utf-8",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import smtplib
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
@@ -42,8 +43,16 @@ def build_reply(
     return message
 
 
+def _lmtp_send(host: str, port: int, sender: str, to: str, message: EmailMessage) -> None:
+    with smtplib.LMTP(host, port, timeout=SEND_TIMEOUT_S) as client:
+        client.send_message(message, sender, [to])
+
+
 class ReplyRelay:
-    def __init__(self, host: str, port: int, reply_from: str, charset: str = "utf-8") -> None:
+    def __init__(
+        self, host: str, port: int, reply_from: str, charset: str = "utf-8", *, lmtp: bool = False
+    ) -> None:
+        self._lmtp = lmtp
         self._host = host
         self._port = port
         self._reply_from = reply_from
@@ -64,6 +73,12 @@ class ReplyRelay:
     async def _deliver(self, message: EmailMessage, to: str) -> None:
         for delay in (*RETRY_DELAYS_S, None):
             try:
+                if self._lmtp:
+                    # The standard library's client, in a thread: aiosmtplib has no LHLO.
+                    await asyncio.to_thread(
+                        _lmtp_send, self._host, self._port, self._reply_from, to, message
+                    )
+                    return
                 await aiosmtplib.send(
                     message,
                     hostname=self._host,
@@ -79,7 +94,7 @@ class ReplyRelay:
                     log.warning("reply to %s dropped: relay said %s %s", to, exc.code, exc.message)
                     return
                 failure = f"{exc.code} {exc.message}"
-            except (aiosmtplib.SMTPException, OSError) as exc:
+            except (aiosmtplib.SMTPException, smtplib.SMTPException, OSError) as exc:
                 if delay is None:
                     log.warning("reply to %s dropped: relay unreachable (%s)", to, exc)
                     return

@@ -133,7 +133,12 @@ class Emulator:
         self._gateway = Gateway(self.config, clock)
         self._handler = _Handler(self)
         self._relay = (
-            ReplyRelay(*self.config.reply_relay, self.config.reply_from, self.config.reply_charset)
+            ReplyRelay(
+                *self.config.reply_relay,
+                self.config.reply_from,
+                self.config.reply_charset,
+                lmtp=self.config.reply_lmtp,
+            )
             if self.config.reply_relay
             else None
         )

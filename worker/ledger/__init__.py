@@ -195,6 +195,10 @@ class Finish:
     refunds: Sequence[str] = ()
     # e-mails that are settled: their records are dropped.
     mails_done: Sequence[str] = ()
+    # e-mails whose reply was applied: their records are dropped and a mark is kept (for
+    # the dedup TTL), so that the same reply read again (from a mailbox, after a crash
+    # before it was moved) is known as applied rather than taken for a stranger's.
+    replied: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +271,9 @@ class StateStore(Protocol):
 
     async def give_back_mail(self, mail_id: str) -> None:
         """A reply could not be settled: its e-mail's record may be taken again."""
+
+    async def mail_replied(self, mail_id: str) -> bool:
+        """Whether a reply to this e-mail was applied (within the dedup TTL)."""
 
     async def mark_unknown(self, mail_id: str) -> MailRecord | None:
         """The e-mail's submission broke after its data went out: flag its record."""

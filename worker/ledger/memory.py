@@ -66,6 +66,7 @@ class MemoryStateStore:
         self._ledger: dict[str, _Entry] = {}
         self._mails: dict[str, MailRecord] = {}
         self._taken: set[str] = set()
+        self._replied: dict[str, float] = {}
         self._splits: dict[str, _Split] = {}
 
     async def start(self) -> None:
@@ -85,6 +86,11 @@ class MemoryStateStore:
             if self._ledger[oldest].at > horizon:
                 break
             del self._ledger[oldest]
+        while self._replied:
+            oldest = next(iter(self._replied))
+            if self._replied[oldest] > horizon:
+                break
+            del self._replied[oldest]
 
     def _set(self, request_id: str, entry: _Entry) -> None:
         # Re-inserted so that insertion order stays time order for `_expire`.
@@ -176,9 +182,11 @@ class MemoryStateStore:
                 self._set(request_id, replace(entry, state="released", mail_id=None, at=now))
         for key in finish.refunds:
             self._identical.forget_latest(key)
-        for mail_id in finish.mails_done:
+        for mail_id in (*finish.mails_done, *finish.replied):
             self._mails.pop(mail_id, None)
             self._taken.discard(mail_id)
+        for mail_id in finish.replied:
+            self._replied[mail_id] = now
 
     async def take_mail(self, mail_id: str) -> MailRecord | None:
         record = self._mails.get(mail_id)
@@ -191,6 +199,10 @@ class MemoryStateStore:
 
     async def give_back_mail(self, mail_id: str) -> None:
         self._taken.discard(mail_id)
+
+    async def mail_replied(self, mail_id: str) -> bool:
+        self._expire()
+        return mail_id in self._replied
 
     async def mark_unknown(self, mail_id: str) -> MailRecord | None:
         record = self._mails.get(mail_id)

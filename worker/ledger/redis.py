@@ -12,6 +12,7 @@ account's keys in one slot, so the scripts work on Redis Cluster too:
 | `entry:<request id>` | hash: state, fp, owner, mail, event, at | `dedup_ttl_s` after each change |
 | `mail:<mail id>` | hash: record (`MailRecord.dumps()`), unknown | reply timeout + 1 h |
 | `taken:<mail id>` | the replica handling its reply | a lease of 120 s |
+| `replied:<mail id>` | its reply was applied | `dedup_ttl_s` |
 | `unanswered` | sorted set of mail ids by `submitted_at` | reply timeout + 1 h |
 | `window:<content key>` | sorted set of admission times | `identical_window_s` |
 | `streak:<subscriber>` | hash: last, n | `subscriber_gap_s` |
@@ -375,7 +376,7 @@ class RedisStateStore:
         args.append(len(finish.answered))
         for request_id, (event, fp) in finish.answered.items():
             args += [request_id, event, fp]
-        for group in (finish.released, finish.refunds, finish.mails_done):
+        for group in (finish.released, finish.refunds, finish.mails_done, finish.replied):
             args += [len(group), *group]
         await self._call("finish", *args)
 
@@ -392,6 +393,9 @@ class RedisStateStore:
 
     async def give_back_mail(self, mail_id: str) -> None:
         await self._call("give_back", self.owner, mail_id)
+
+    async def mail_replied(self, mail_id: str) -> bool:
+        return bool(await self._command("EXISTS", self._key("replied", mail_id)))
 
     async def mark_unknown(self, mail_id: str) -> MailRecord | None:
         return _record(await self._call("mark_unknown", mail_id))

@@ -1,7 +1,7 @@
 -- The ledger side of a settled set (see worker.ledger.Finish), in one step.
 -- ARGV[A..]: dedup_ttl ms; sent count, then (request id, mail id, event, fingerprint)
 --   each; answered count, then (request id, event, fingerprint) each; released count, ids;
---   refunds count, content keys; mails_done count, mail ids.
+--   refunds count, content keys; mails_done count, mail ids; replied count, mail ids.
 -- `sent` and `answered` are written even where the entry is gone (Redis lost its data
 -- meanwhile): knowing the request went out is what keeps it from going twice.
 local dedup_ms = tonumber(ARGV[A])
@@ -46,6 +46,12 @@ end
 for _ = 1, take_count() do
   redis.call('DEL', key('mail', ARGV[at]), key('taken', ARGV[at]))
   redis.call('ZREM', key('unanswered'), ARGV[at])
+  at = at + 1
+end
+for _ = 1, take_count() do
+  redis.call('DEL', key('mail', ARGV[at]), key('taken', ARGV[at]))
+  redis.call('ZREM', key('unanswered'), ARGV[at])
+  redis.call('SET', key('replied', ARGV[at]), '1', 'PX', dedup_ms)
   at = at + 1
 end
 return {GEN, GEN_SEEN, false}
