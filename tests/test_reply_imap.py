@@ -96,8 +96,10 @@ class Mailbox:
                 for uid in found[0].split():
                     _, data = client.uid("fetch", uid, "(BODY.PEEK[])")
                     part = data[0]
-                    assert isinstance(part, tuple)
-                    messages.append(part[1])
+                    # The worker may move a message away between SEARCH and FETCH: it is
+                    # no longer in this folder.
+                    if isinstance(part, tuple):
+                        messages.append(part[1])
                 return messages
 
         return await asyncio.to_thread(read)
