@@ -15,10 +15,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import collecting, free_port, phone
 from worker.contract import Status
 from worker.emulator.config import EmulatorConfig
 from worker.emulator.server import Emulator
+from worker.lanes import Lane
 from worker.schemas import render_all
 from worker.settings import AmqpSettings
 
@@ -203,7 +206,10 @@ async def test_sigterm_mid_stream_loses_nothing(amqp: AmqpSettings) -> None:
     assert set(deliveries.values()) == {1}
 
 
-async def test_send_wait_against_run_with_emulator_prints_accepted(amqp: AmqpSettings) -> None:
+@pytest.mark.parametrize("priority", ["normal", "high"])
+async def test_send_wait_against_run_with_emulator_prints_accepted(
+    amqp: AmqpSettings, priority: str
+) -> None:
     env = cli_env(amqp)
     async with worker_process(env, "--emulator"):
         code, out, err = await run_cli(
@@ -212,6 +218,8 @@ async def test_send_wait_against_run_with_emulator_prints_accepted(amqp: AmqpSet
             "+79161234567",
             "--text",
             "hello from the CLI",
+            "--priority",
+            priority,
             "--wait",
             "--timeout",
             "30",
@@ -220,6 +228,8 @@ async def test_send_wait_against_run_with_emulator_prints_accepted(amqp: AmqpSet
     assert code == 0, err
     statuses = [line.split("\t")[0] for line in out.splitlines()]
     assert statuses == ["submitted", "accepted"]
+    lane = Lane(priority)
+    assert "published request " in err and f"to {amqp.queue(lane)}\n" in err
 
 
 async def startup_log(env: dict[str, str], *, terminal: bool) -> list[str]:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from worker.contract import ResultEvent, SendRequest, Status
 from worker.emulator.command import emulator_command
 from worker.errors import ConfigurationError
+from worker.lanes import Lane
 from worker.logs import configure_logging
 from worker.runner import run
 from worker.schemas import render_all, write_all
@@ -81,6 +82,9 @@ def send_command(
     channel: Annotated[str | None, typer.Option(help="sms, telegram, email, ...")] = None,
     sender: Annotated[str | None, typer.Option(help="Registered sender name.")] = None,
     request_id: Annotated[str | None, typer.Option(help="Idempotency key (random).")] = None,
+    priority: Annotated[
+        Lane, typer.Option(help="The lane: the queue the request is published to.")
+    ] = Lane.normal,
     wait: Annotated[bool, typer.Option("--wait", help="Print result events until final.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a final event.")] = 60.0,
 ) -> None:
@@ -99,7 +103,7 @@ def send_command(
     except ValidationError as exc:
         typer.echo(f"smsc-worker: invalid request: {exc}", err=True)
         raise typer.Exit(2) from None
-    final = asyncio.run(_send(settings, request, wait, timeout))
+    final = asyncio.run(_send(settings, request, priority, wait, timeout))
     if wait and final is None:
         typer.echo(f"smsc-worker: no final result within {timeout:.0f} s", err=True)
         raise typer.Exit(3)
@@ -108,7 +112,7 @@ def send_command(
 
 
 async def _send(
-    settings: Settings, request: SendRequest, wait: bool, timeout_s: float
+    settings: Settings, request: SendRequest, lane: Lane, wait: bool, timeout_s: float
 ) -> ResultEvent | None:
     connection = await aio_pika.connect(settings.amqp.url.get_secret_value())
     async with connection:
@@ -123,9 +127,11 @@ async def _send(
                 correlation_id=request.request_id,
                 reply_to=replies.name if replies else None,
             ),
-            routing_key=settings.amqp.requests_queue,
+            routing_key=settings.amqp.queue(lane),
         )
-        typer.echo(f"published request {request.request_id}", err=True)
+        typer.echo(
+            f"published request {request.request_id} to {settings.amqp.queue(lane)}", err=True
+        )
         if replies is None:
             return None
         try:
