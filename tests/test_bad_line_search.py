@@ -10,12 +10,13 @@ import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import collecting, gateway_and_worker, phone
-from worker.contract import Status
+from worker.contract import ResultEvent, Status
 from worker.emulator.server import Emulator
 from worker.fate import Fail, Later, Split, after_error
 from worker.ledger.memory import MemoryStateStore
@@ -144,14 +145,17 @@ WORKER_LIMITS = LimitSettings(mails_per_second=1000, parts_per_second=100_000)
 FAST_RETRY = RetrySettings(base_delay_s=1, max_delay_s=2, circuit_base_s=1, circuit_max_s=2)
 
 
-async def test_one_denied_text_among_forty_fails_alone(amqp: AmqpSettings) -> None:
-    ids = [f"line-{n}" for n in range(40)]
-    texts = {r: "buy cheap pills" if r == "line-21" else f"hello {n}" for n, r in enumerate(ids)}
+async def one_denied_among(
+    amqp: AmqpSettings, total: int, bad: int, gateway: dict[str, Any]
+) -> tuple[list[ResultEvent], Emulator]:
+    """`total` requests through the worker, request `bad` holding the denied word "pills";
+    once every other is accepted and it failed: the failed events and the emulator."""
+    ids = [f"line-{n}" for n in range(total)]
     async with (
         collecting(amqp) as (broker, results),
         gateway_and_worker(
             amqp,
-            {"denied_words": ("pills",)},
+            {"denied_words": ("pills",), **gateway},
             batch=BatchSettings(max_wait_ms=300),
             limits=WORKER_LIMITS,
             retry=FAST_RETRY,
@@ -159,25 +163,29 @@ async def test_one_denied_text_among_forty_fails_alone(amqp: AmqpSettings) -> No
     ):
         await asyncio.gather(
             *(
-                broker.publish({"request_id": r, "to": phone(n), "text": texts[r]})
+                broker.publish(
+                    {"request_id": r, "to": phone(n), "text": "buy pills" if n == bad else "hi"}
+                )
                 for n, r in enumerate(ids)
             )
         )
-        good = [r for r in ids if r != "line-21"]
         await results.wait_until(
             lambda: (
-                all(Status.accepted in results.statuses(r) for r in good)
-                and Status.failed in results.statuses("line-21")
+                all(Status.accepted in results.statuses(r) for r in ids if r != ids[bad])
+                and Status.failed in results.statuses(ids[bad])
             ),
-            60,
+            90,
         )
+    assert Counter(d.recipient for d in emulator.deliveries) == Counter(
+        phone(n) for n in range(total) if n != bad
+    )
+    return results.with_status(Status.failed), emulator
 
-    [failed] = results.with_status(Status.failed)
+
+async def test_one_denied_text_among_forty_fails_alone(amqp: AmqpSettings) -> None:
+    [failed], emulator = await one_denied_among(amqp, 40, 21, {})
     assert failed.request_id == "line-21"
     assert failed.error is not None and failed.error.gateway_error == 6
-    assert Counter(d.recipient for d in emulator.deliveries) == Counter(
-        phone(n) for n in range(40) if n != 21
-    )
     assert emulator.errors[6] <= 1 + searches(40)
 
 
@@ -227,42 +235,12 @@ def search_bound(emulator: Emulator) -> int:
 async def test_a_search_that_trips_the_ip_block_waits_at_the_circuit_and_still_finishes(
     amqp: AmqpSettings,
 ) -> None:
-    ids = [f"line-{n}" for n in range(32)]
-    texts = {r: "buy cheap pills" if r == "line-5" else f"hello {n}" for n, r in enumerate(ids)}
-    gateway = {"denied_words": ("pills",), "block_after_errors": 3, "block_for_s": 2.0}
-    async with (
-        collecting(amqp) as (broker, results),
-        gateway_and_worker(
-            amqp,
-            gateway,
-            batch=BatchSettings(max_wait_ms=300),
-            limits=WORKER_LIMITS,
-            retry=FAST_RETRY,
-        ) as (emulator, _),
-    ):
-        await asyncio.gather(
-            *(
-                broker.publish({"request_id": r, "to": phone(n), "text": texts[r]})
-                for n, r in enumerate(ids)
-            )
-        )
-        good = [r for r in ids if r != "line-5"]
-        await results.wait_until(
-            lambda: (
-                all(Status.accepted in results.statuses(r) for r in good)
-                and Status.failed in results.statuses("line-5")
-            ),
-            90,
-        )
-
-    [failed] = results.with_status(Status.failed)
+    gateway = {"block_after_errors": 3, "block_for_s": 2.0}
+    [failed], emulator = await one_denied_among(amqp, 32, 5, gateway)
     assert failed.request_id == "line-5"
     assert emulator.errors[4] >= 1
     # At the open circuit the search waits: one probe per pause, not its halves in a row.
     assert emulator.errors[4] <= 4, emulator.errors
-    assert Counter(d.recipient for d in emulator.deliveries) == Counter(
-        phone(n) for n in range(32) if n != 5
-    )
 
 
 async def test_600_requests_with_5_denied_texts_and_russian_cp1251_replies_fail_only_those(
