@@ -14,7 +14,7 @@ import aio_pika
 import aiormq
 import pytest
 import redis.asyncio
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from tests.conftest import (
     AMQP_URL,
@@ -25,10 +25,19 @@ from tests.conftest import (
     phone,
     unique_amqp,
 )
+from worker.accounts import accounts_of
 from worker.contract import Status
 from worker.lanes import Lane
 from worker.ledger import CircuitView
-from worker.settings import AccountSettings, AmqpSettings, RetrySettings, StateSettings
+from worker.protocol.fields import Channel
+from worker.settings import (
+    AccountSettings,
+    AmqpSettings,
+    GatewaySettings,
+    RetrySettings,
+    Settings,
+    StateSettings,
+)
 
 BRAND = "brand"
 BRAND_PASSWORD = "brand-pw"
@@ -278,3 +287,32 @@ async def test_a_request_naming_another_or_an_unknown_account_is_rejected(
     codes = {e.request_id: e.error.code for e in results.with_status(Status.rejected) if e.error}
     assert codes == {"other": "account_not_allowed", "unknown": "unknown_account"}
     assert [d.recipient for d in emulator.deliveries] == [phone(3)]
+
+
+def test_a_named_account_has_default_senders_of_its_own() -> None:
+    settings = Settings(
+        gateway=GatewaySettings(default_senders={Channel.email: "shop@default.example"}),
+        accounts={
+            BRAND: AccountSettings(
+                login=BRAND,
+                password=SecretStr(BRAND_PASSWORD),
+                default_sender="Brand",
+                default_senders={Channel.email: "news@brand.example"},
+            ),
+            "bare": AccountSettings(login="bare", password=SecretStr("pw")),
+        },
+    )
+    accounts = accounts_of(settings)
+    brand, bare = accounts[BRAND].gateway, accounts["bare"].gateway
+    assert (brand.default_sender, brand.default_senders) == (
+        "Brand",
+        {Channel.email: "news@brand.example"},
+    )
+    # Not the default account's: another account's address is no sender of this one.
+    assert bare.default_senders == {}
+    with pytest.raises(ValidationError, match="DEFAULT_SENDER is an e-mail address"):
+        AccountSettings(login="x", password=SecretStr("pw"), default_sender="a@b.example")
+    with pytest.raises(ValidationError, match="must be the sender's e-mail address"):
+        AccountSettings(
+            login="x", password=SecretStr("pw"), default_senders={Channel.email: "Brand"}
+        )

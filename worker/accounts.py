@@ -54,6 +54,7 @@ def accounts_of(settings: Settings) -> dict[str, GatewayAccount]:
                     "login": account.login,
                     "password": account.password,
                     "default_sender": account.default_sender,
+                    "default_senders": account.default_senders,
                 }
             ),
             settings.limits.model_copy(update=pace),

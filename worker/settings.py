@@ -149,47 +149,55 @@ class GatewaySettings(_Group):
     @field_validator("default_sender")
     @classmethod
     def _sender(cls, value: str) -> str:
-        """The default sender goes on every request that names none, on every channel but
-        email (which needs the sender's e-mail address: prepare() leaves a name off there).
-        So it must be a sender name each of those channels takes, never an e-mail address."""
-        variable = f"{ENV_PREFIX}GATEWAY__DEFAULT_SENDER"
-        if is_email_sender(value):
-            raise ValueError(
-                f"{variable} is an e-mail address, but it would be the sender of every sms "
-                "(and other non-email) request that names none, where an address is not a "
-                "valid sender: use a sender name registered with the account (at most 11 "
-                "characters, or at most 15 digits), or leave it empty (the email channel's "
-                f"address goes in {ENV_PREFIX}GATEWAY__DEFAULT_SENDERS)"
-            )
-        for channel in Channel:
-            if channel is not Channel.email:
-                _check_sender_name(variable, channel, value)
-        return value
+        return check_default_sender(f"{ENV_PREFIX}GATEWAY__DEFAULT_SENDER", value)
 
     @field_validator("default_senders")
     @classmethod
     def _senders(cls, value: dict[Channel, str]) -> dict[Channel, str]:
-        variable = f"{ENV_PREFIX}GATEWAY__DEFAULT_SENDERS"
-        for channel, sender in value.items():
-            if channel is Channel.email:
-                if sender and not is_email_sender(sender):
-                    raise ValueError(
-                        f"{variable}: the email channel's sender must be the sender's e-mail "
-                        f"address (the gateway requires it), not {sender!r}"
-                    )
-            elif is_email_sender(sender):
-                raise ValueError(
-                    f"{variable}: an e-mail address is a sender on the email channel only, "
-                    f"not on {channel.value}: use a sender name registered with the account"
-                )
-            else:
-                _check_sender_name(variable, channel, sender)
-        return value
+        return check_default_senders(f"{ENV_PREFIX}GATEWAY__DEFAULT_SENDERS", value)
 
     @field_validator("charset", mode="before")
     @classmethod
     def _charset(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+
+def check_default_sender(variable: str, value: str) -> str:
+    """The default sender goes on every request that names none, on every channel but
+    email (which needs the sender's e-mail address: prepare() leaves a name off there). So
+    it must be a sender name each of those channels takes, never an e-mail address."""
+    if is_email_sender(value):
+        raise ValueError(
+            f"{variable} is an e-mail address, but it would be the sender of every sms (and "
+            "other non-email) request that names none, where an address is not a valid "
+            "sender: use a sender name registered with the account (at most 11 characters, "
+            "or at most 15 digits), or leave it empty (the email channel's address goes in "
+            "its DEFAULT_SENDERS)"
+        )
+    for channel in Channel:
+        if channel is not Channel.email:
+            _check_sender_name(variable, channel, value)
+    return value
+
+
+def check_default_senders(variable: str, value: dict[Channel, str]) -> dict[Channel, str]:
+    """A default sender per channel: the sender's e-mail address for email, a sender name
+    that channel takes for the others."""
+    for channel, sender in value.items():
+        if channel is Channel.email:
+            if sender and not is_email_sender(sender):
+                raise ValueError(
+                    f"{variable}: the email channel's sender must be the sender's e-mail "
+                    f"address (the gateway requires it), not {sender!r}"
+                )
+        elif is_email_sender(sender):
+            raise ValueError(
+                f"{variable}: an e-mail address is a sender on the email channel only, not "
+                f"on {channel.value}: use a sender name registered with the account"
+            )
+        else:
+            _check_sender_name(variable, channel, sender)
+    return value
 
 
 def _check_sender_name(variable: str, channel: Channel, sender: str) -> None:
@@ -210,13 +218,30 @@ class AccountSettings(_Group):
     password: SecretStr = Field(
         SecretStr(""), description="account password; with an empty login, the API key"
     )
-    default_sender: str = Field("", description="sender name when a request names none")
+    default_sender: str = Field(
+        "", description="sender name when a request names none (not email); empty: the account's"
+    )
+    default_senders: dict[Channel, str] = Field(
+        default_factory=dict,
+        description="a default sender per channel, over default_sender (for email the "
+        "sender's e-mail address); the default account's are not this account's",
+    )
     mails_per_second: float = Field(
         0.0, ge=0, description="the account's pace in e-mails; 0: limits.mails_per_second"
     )
     parts_per_second: float = Field(
         0.0, ge=0, description="the account's pace in SMS parts; 0: limits.parts_per_second"
     )
+
+    @field_validator("default_sender")
+    @classmethod
+    def _sender(cls, value: str) -> str:
+        return check_default_sender(f"{ENV_PREFIX}ACCOUNTS__<NAME>__DEFAULT_SENDER", value)
+
+    @field_validator("default_senders")
+    @classmethod
+    def _senders(cls, value: dict[Channel, str]) -> dict[Channel, str]:
+        return check_default_senders(f"{ENV_PREFIX}ACCOUNTS__<NAME>__DEFAULT_SENDERS", value)
 
     @field_validator("login")
     @classmethod
