@@ -21,6 +21,7 @@ import yaml
 from kubernetes_validate.utils import latest_version  # type: ignore[import-untyped]
 
 from tests.support.promtool import check_rules
+from worker.protocol.fields import Channel
 from worker.settings import Settings
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -130,6 +131,8 @@ settings:
     brand-b:
       login: brandb
       mails_per_second: 2.5
+      default_senders:
+        email: news@brand-b.example
   gateway:
     login: acme
     text_tags: true
@@ -686,6 +689,7 @@ def test_rendered_configuration_loads_in_the_worker(
     assert settings.reply.allowed_senders == "@send.smscentre.com"
     brand = settings.accounts["brand-b"]
     assert (brand.login, brand.mails_per_second) == ("brandb", 2.5)
+    assert brand.default_senders == {Channel.email: "news@brand-b.example"}
     assert brand.password.get_secret_value() == "brand-b-pass"
 
 
