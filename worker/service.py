@@ -1097,18 +1097,19 @@ class Service:
                 return account, record
         return None
 
-    async def _knows_mail(self, mail_id: str) -> bool:
+    async def _any_store(self, ask: Callable[[StateStore], Awaitable[bool]]) -> bool:
+        """Whether some account's store says yes (an e-mail is in exactly one of them)."""
         for store in self.stores.values():
-            if await store.knows_mail(mail_id):
+            if await ask(store):
                 return True
         return False
 
+    async def _knows_mail(self, mail_id: str) -> bool:
+        return await self._any_store(lambda store: store.knows_mail(mail_id))
+
     async def _mail_replied(self, mail_id: str) -> bool:
         """Whether some account's ledger has the reply to this e-mail applied already."""
-        for store in self.stores.values():
-            if await store.mail_replied(mail_id):
-                return True
-        return False
+        return await self._any_store(lambda store: store.mail_replied(mail_id))
 
     async def keep_unreadable_reply(self, copy: UnreadableCopy) -> None:
         """A reply with no answer that can be read: its raw bytes, the secrets and address
