@@ -115,6 +115,8 @@ def check_characters(field: str, value: str, *, newline: bool = False) -> str:
     """Refuse C0/C1 control characters (category Cc: U+0000-U+001F, U+007F-U+009F; the
     newline only where `newline` allows it) and lone surrogates, as a pydantic error whose
     type is the rejection's code."""
+    if value.isascii() and value.isprintable():
+        return value  # the common case, checked at C speed
     for c in value:
         if unicodedata.category(c) == "Cc" and not (newline and c == "\n"):
             raise PydanticCustomError(
@@ -132,8 +134,6 @@ def check_characters(field: str, value: str, *, newline: bool = False) -> str:
 
 
 def _checked_text(value: str) -> str:
-    if value.isascii() and value.isprintable():
-        return value  # the common case, checked at C speed
     return check_characters("text", value, newline=True)
 
 

@@ -11,6 +11,7 @@ hooks around the SMTP submission and the gateway's replies.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -231,16 +232,31 @@ class Metrics:
             self.circuit.labels(account, state.value).set_function(partial(is_in, state))
 
     def published(self, events: Sequence[ResultEvent]) -> None:
+        # Counted per series first: events come by the thousand, a series' child costs a
+        # lock and a lookup.
+        results: collections.Counter[tuple[str, str]] = collections.Counter()
+        retries: collections.Counter[tuple[str, str]] = collections.Counter()
+        deferrals: collections.Counter[tuple[str, str]] = collections.Counter()
+        parts: collections.Counter[str] = collections.Counter()
         for event in events:
             account = event.account or ""
-            self.results.labels(event.status.value, account).inc()
+            results[event.status.value, account] += 1
             reason = event.error.code if event.error else ""
             if event.status == Status.retrying:
-                self.retries.labels(reason, account).inc()
+                retries[reason, account] += 1
             elif event.status == Status.deferred:
-                self.deferrals.labels(reason, account).inc()
+                deferrals[reason, account] += 1
             elif event.status in (Status.submitted, Status.unknown):
-                self.sms_parts.labels(account).inc(event.sms_count or 0)
+                parts[account] += event.sms_count or 0
+        for counter, counts in (
+            (self.results, results),
+            (self.retries, retries),
+            (self.deferrals, deferrals),
+        ):
+            for labels, count in counts.items():
+                counter.labels(*labels).inc(count)
+        for account, count in parts.items():
+            self.sms_parts.labels(account).inc(count)
 
     def dead_lettered(self, codes: Iterable[str]) -> None:
         for code in codes:
@@ -266,7 +282,11 @@ def _since_receipt(
 ) -> None:
     """Each request's headers (its first receipt) and lane, labelled `priority`."""
     now = time.time()
+    by_lane: dict[Lane, Histogram] = {}
     for headers, lane in requests:
         received = received_at(headers)
         if received is not None:
-            histogram.labels(lane.value).observe(max(now - received, 0.0))
+            series = by_lane.get(lane)
+            if series is None:
+                series = by_lane[lane] = histogram.labels(lane.value)
+            series.observe(max(now - received, 0.0))

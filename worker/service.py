@@ -645,12 +645,14 @@ class Service:
             )
         request = parsed
         self.telemetry.request_known(request.request_id)
-        subject = replace(
-            plain,
-            request_id=request.request_id,
+        subject = Subject(
+            delivery,
+            request.request_id,
+            delivery.copy,
             recipients=tuple(request.to),
             metadata=request.metadata,
             attempt=provenance.attempt,
+            account=delivery.account,
         )
         if request.account is not None and request.account != delivery.account:
             known = request.account in self.accounts

@@ -30,6 +30,7 @@ different opentelemetry-semantic-conventions beta than the SDK in uv.lock.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -42,7 +43,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry import context, propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import Getter
+from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -130,9 +131,16 @@ def _span_context(headers: Mapping[str, Any]) -> SpanContext:
     return trace.get_current_span(_extract(headers)).get_span_context()
 
 
+@functools.lru_cache(maxsize=4)
+def _propagated_names(textmap: TextMapPropagator) -> frozenset[str]:
+    # A composite propagator builds its set of names anew on every read.
+    return frozenset(textmap.fields)
+
+
 def event_headers(request_headers: Mapping[str, Any]) -> dict[str, str]:
     """The trace headers for a result event about the request with these headers."""
-    if not any(name in request_headers for name in propagate.get_global_textmap().fields):
+    names = _propagated_names(propagate.get_global_textmap())
+    if not any(name in request_headers for name in names):
         # Nothing to carry on; events go out by the thousand, so skip the round trip.
         return {}
     carrier: dict[str, str] = {}

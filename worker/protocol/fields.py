@@ -47,6 +47,7 @@ _SENDER = re.compile(r"[A-Za-z0-9 .\-_!&'+@#]+")
 _EMAIL_SENDER = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 MAX_EMAIL_SENDER = 254
 _FIELD_BREAKERS = frozenset(":,;\n") | _UNCARRIABLE_BREAKS
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MIN_TZ, MAX_TZ = -24, 24
 # A moment written as `0<unix seconds>` with fewer than 10 digits would be 10 characters or
 # fewer and could read as `DDMMYYhhmm`; every such moment (before 2001-09-09) is long past,
@@ -56,7 +57,7 @@ _MIN_UNIX_TIME = 1_000_000_000
 
 def _has_surrogate(value: str) -> bool:
     """Lone surrogates cannot be written in any charset, so the e-mail could not carry them."""
-    return any("\ud800" <= c <= "\udfff" for c in value)
+    return _SURROGATE.search(value) is not None
 
 
 def hides_reserved_prefix(text: str) -> bool:

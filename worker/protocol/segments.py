@@ -58,11 +58,22 @@ class SegmentCount:
     parts: int
 
 
+def _one_septet_characters() -> frozenset[str]:
+    """The characters of the GSM 03.38 basic table, as the codec itself reads them."""
+    decoded = (bytes([septet]).decode("gsm03.38") for septet in range(128) if septet != 0x1B)
+    return frozenset(c for c in decoded if len(c.encode("gsm03.38")) == 1)
+
+
+# The codec encodes a character at a time in Python; most texts are plain basic-table
+# text, which a set check (in C) counts as one septet a character.
+_ONE_SEPTET = _one_septet_characters()
+
+
 def count_segments(text: str) -> SegmentCount:
     """Parts for one recipient. GSM extension characters (such as `€`, `[`) take two septets;
     outside GSM 03.38 the text goes as UCS-2, where characters beyond the BMP take two units."""
     try:
-        units = len(text.encode("gsm03.38"))
+        units = len(text) if _ONE_SEPTET.issuperset(text) else len(text.encode("gsm03.38"))
         encoding, single, per_part = Encoding.gsm7, GSM7_SINGLE, GSM7_PART
     except UnicodeEncodeError:
         units = len(text.encode("utf-16-le")) // 2
