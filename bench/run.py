@@ -733,6 +733,107 @@ class RssSampler:
         return self.sample()
 
 
+# the parent: where the machine's CPU goes --------------------------------------------
+
+
+def machine_cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all cores together since boot, from the aggregate `cpu`
+    line of /proc/stat; None where there is none. Busy is total minus idle and iowait (a
+    core waiting for the disk could run something else). Total is user, nice, system,
+    idle, iowait, irq, softirq and steal: guest and guest_nice are already in user and
+    nice."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 6 or fields[0] != "cpu":
+        return None
+    ticks = [int(value) for value in fields[1:9]]
+    total = sum(ticks)
+    return total - ticks[3] - ticks[4], total
+
+
+def process_cpu_ticks(pid: int) -> tuple[str, int] | None:
+    """(comm, utime + stime in clock ticks) of a process, from /proc/<pid>/stat; None once
+    it has ended or where it cannot be read. `comm` is in parentheses and may hold spaces
+    and parentheses of its own, so the numbered fields are split after the last `)`."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            text = stat.read().decode(errors="replace")
+    except OSError:
+        return None
+    head, paren, tail = text.rpartition(")")
+    fields = tail.split()  # fields[0] is field 3 (state), so field k is fields[k - 3]
+    if not paren or len(fields) < 13:
+        return None
+    try:
+        return head.partition("(")[2], int(fields[11]) + int(fields[12])  # fields 14, 15
+    except ValueError:
+        return None
+
+
+def rabbitmq_cpu_ticks() -> dict[int, int] | None:
+    """utime + stime in clock ticks of every `beam.smp` process (RabbitMQ's Erlang VM), by
+    pid; None where /proc cannot be listed or none is found (RabbitMQ on another host, or
+    in a container whose processes this one does not see)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    found: dict[int, int] = {}
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        process = process_cpu_ticks(int(entry))
+        if process is not None and process[0] == "beam.smp":
+            found[int(entry)] = process[1]
+    return found or None
+
+
+class CpuSnapshot:
+    """What the parent reads at each end of a phase's measured window: the machine's CPU
+    ticks, RabbitMQ's, and this process's own CPU (it is the results reader)."""
+
+    def __init__(self, start: bool) -> None:
+        # The order keeps the /proc scan, which costs this process a few ms, out of the
+        # reader's figure at both ends: read before the reader's clock at the start and
+        # after it at the end.
+        if start:
+            self.rabbitmq = rabbitmq_cpu_ticks()
+            self.reader_s = cpu_seconds()
+            self.machine = machine_cpu_ticks()
+            self.t = time.perf_counter()
+        else:
+            self.t = time.perf_counter()
+            self.machine = machine_cpu_ticks()
+            self.reader_s = cpu_seconds()
+            self.rabbitmq = rabbitmq_cpu_ticks()
+
+
+def cpu_window(start: CpuSnapshot, end: CpuSnapshot) -> dict[str, float | None]:
+    """The machine's CPU between two snapshots, in seconds of CPU (None where /proc is not
+    there): busy time of all cores, its share of their total, RabbitMQ's CPU, this
+    process's CPU. A `beam.smp` that started within the window counts whole; one that
+    ended within it is lost."""
+    tick_s = 1 / os.sysconf("SC_CLK_TCK")
+    machine_busy_s = machine_busy_pct = rabbitmq_s = None
+    if start.machine is not None and end.machine is not None:
+        busy, total = (e - s for s, e in zip(start.machine, end.machine, strict=True))
+        machine_busy_s = busy * tick_s
+        machine_busy_pct = 100 * busy / total if total > 0 else None
+    if start.rabbitmq is not None and end.rabbitmq is not None:
+        ticks = sum(t - start.rabbitmq.get(pid, 0) for pid, t in end.rabbitmq.items())
+        rabbitmq_s = ticks * tick_s
+    return {
+        "window_s": end.t - start.t,
+        "machine_busy_pct": machine_busy_pct,
+        "machine_busy_cpu_s": machine_busy_s,
+        "rabbitmq_cpu_s": rabbitmq_s,
+        "reader_cpu_s": end.reader_s - start.reader_s,
+    }
+
+
 async def delete_redis_keys(url: str, prefix: str) -> int:
     """SCAN for `<prefix>:*` and UNLINK what it finds; the number of keys removed."""
     import redis.asyncio as redis
@@ -815,6 +916,7 @@ async def run_phase(name: str, args: argparse.Namespace, run: int) -> dict[str, 
             rss_start = sampler.sample().get("VmRSS", 0)
             if args.rate:
                 sampler.start()
+                cpu_start = CpuSnapshot(start=True)
                 for c in children:
                     await c.send("go")
                 load_s = await paced(channel, topology.queue, tag, n, args.rate)
@@ -822,9 +924,12 @@ async def run_phase(name: str, args: argparse.Namespace, run: int) -> dict[str, 
                 load_s = await preload(channel, topology.queue, tag, n)
                 rss_start = sampler.sample().get("VmRSS", 0)
                 sampler.start()
+                cpu_start = CpuSnapshot(start=True)
                 for c in children:
                     await c.send("go")
             in_time = await child.wait_for(results.done.wait, limit_s)
+            # The window: from "go" to the last awaited event (or the time limit).
+            cpu = cpu_window(cpu_start, CpuSnapshot(start=False))
             final_status = await sampler.stop()
             report = await child.finish()
             if gateway is not None:
@@ -846,6 +951,7 @@ async def run_phase(name: str, args: argparse.Namespace, run: int) -> dict[str, 
         report["emulator_errors"] = gateway_report.get("emulator_errors")
         report["gateway_cpu_s"] = gateway_report.get("cpu_s")
     phase = summarize_phase(kind, n, results, report, in_time, load_s, stderr)
+    phase.update(machine_figures(phase, cpu, n))
     phase["name"] = name
     phase["store"] = store
     if redis_keys is not None:
@@ -931,6 +1037,29 @@ def summarize_phase(
     return phase
 
 
+def machine_figures(phase: dict[str, Any], cpu: dict[str, float | None], n: int) -> dict[str, Any]:
+    """Where the machine's CPU went over the parent's window, per 1,000 requests. The
+    window (go sent, to the last awaited event) is not quite the child's (go received, to
+    stop received, a little after the last event), nor the gateway child's (from its
+    set-up, before the queue is loaded); their sum is the best join there is, not an exact
+    one."""
+
+    def per_1000(seconds: float | None) -> float | None:
+        return None if seconds is None else 1000 * 1000 * seconds / n
+
+    rabbitmq = per_1000(cpu["rabbitmq_cpu_s"])
+    reader = per_1000(cpu["reader_cpu_s"])
+    parts = [phase["cpu_ms_per_1000"], phase["gateway_cpu_ms_per_1000"] or 0.0, rabbitmq, reader]
+    return {
+        **cpu,
+        "rabbitmq_cpu_ms_per_1000": rabbitmq,
+        "reader_cpu_ms_per_1000": reader,
+        # None without RabbitMQ's share: the sum would read as complete and be far off.
+        "all_cpu_ms_per_1000": None if None in parts else sum(p for p in parts if p is not None),
+        "machine_cpu_ms_per_1000": per_1000(cpu["machine_busy_cpu_s"]),
+    }
+
+
 # reporting ---------------------------------------------------------------------------
 
 FIGURES: list[tuple[str, str]] = [
@@ -942,9 +1071,21 @@ FIGURES: list[tuple[str, str]] = [
     ("rss_delta_mib", "peak RSS delta (MiB)"),
     ("traced_peak_mib", "tracemalloc peak (MiB)"),
     ("cpu_ms_per_1000", "CPU per 1,000 requests (ms)"),
-    ("cpu_busy_pct", "CPU busy, start to stop (%)"),
     ("gateway_cpu_ms_per_1000", "gateway process CPU per 1,000 (ms)"),
+    ("rabbitmq_cpu_ms_per_1000", "RabbitMQ CPU per 1,000 (ms)"),
+    ("reader_cpu_ms_per_1000", "results reader CPU per 1,000 (ms)"),
+    ("all_cpu_ms_per_1000", "all CPU per 1,000: sum of the above (ms)"),
+    ("cpu_busy_pct", "CPU busy, start to stop (%)"),
+    ("machine_cpu_ms_per_1000", "machine busy CPU per 1,000 (ms)"),
+    ("machine_busy_pct", "machine busy, go to last event (%)"),
 ]
+# Shown as "-" rather than left out where /proc is not there, so the gap is visible.
+ALWAYS_SHOWN = {
+    "rabbitmq_cpu_ms_per_1000",
+    "all_cpu_ms_per_1000",
+    "machine_cpu_ms_per_1000",
+    "machine_busy_pct",
+}
 
 
 def comparisons(names: list[str]) -> list[tuple[str, str, str, float]]:
@@ -960,12 +1101,19 @@ def comparisons(names: list[str]) -> list[tuple[str, str, str, float]]:
     return out
 
 
-RATIO_FIGURES = ("throughput_rps", "accepted_throughput_rps", "cpu_ms_per_1000")
+RATIO_FIGURES = (
+    "throughput_rps",
+    "accepted_throughput_rps",
+    "cpu_ms_per_1000",
+    "all_cpu_ms_per_1000",
+)
+SATURATED_PCT = 90  # machine busy % in the broker phase from which the note is printed
 
 
-def summarize(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+def summarize(runs: list[dict[str, dict[str, Any]]], paced: bool = False) -> dict[str, Any]:
     """Medians over the runs; each ratio is the median of the per-run ratios, so a ratio
-    always compares two phases measured in the same run."""
+    always compares two phases measured in the same run. With `paced` (`--rate`) the rate,
+    not the CPU, bounds the drain, so no saturation note."""
     names = [name for name in PHASE_ORDER if name in runs[0]]
     figures: dict[str, dict[str, float | None]] = {}
     for key, _ in FIGURES:
@@ -986,8 +1134,30 @@ def summarize(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
         "phases": names,
         "figures": figures,
         "ratios": ratios,
+        "saturation": None if paced else saturation(figures, ratios),
         "complete": all(phase["complete"] for run in runs for phase in run.values()),
     }
+
+
+def saturation(
+    figures: dict[str, dict[str, float | None]], ratios: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """When the broker phase kept the machine at least SATURATED_PCT % busy (median), a
+    drain there is held back by the machine's CPU as a whole rather than by one process, so
+    the note gives each worker phase's CPU of all processes per request against the broker
+    phase's: the ratio table's figure (median of per-run ratios), so the two agree. None
+    otherwise."""
+    busy = figures["machine_busy_pct"].get("broker")
+    if busy is None or busy < SATURATED_PCT:
+        return None
+    against_broker = {
+        r["phase"]: r["all_cpu_ms_per_1000"]
+        for r in ratios
+        if r["against"] == "broker" and r["all_cpu_ms_per_1000"] is not None
+    }
+    if not against_broker:
+        return None
+    return {"broker_machine_busy_pct": busy, "all_cpu_vs_broker": against_broker}
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -1052,14 +1222,14 @@ def print_table(document: dict[str, Any]) -> None:
     print(f"{'':42}" + "".join(f"{name:>15}" for name in names))
     for key, label in FIGURES:
         row = summary["figures"][key]
-        if all(row[name] is None for name in names):
+        if key not in ALWAYS_SHOWN and all(row[name] is None for name in names):
             continue
         print(f"{label:42}" + "".join(f"{_fmt(row[name]):>15}" for name in names))
     if summary["ratios"]:
         print()
         print(
             f"{'ratio (median of per-run ratios)':42}{'submitted':>11}{'accepted':>11}"
-            f"{'CPU/1000':>11}   aim"
+            f"{'CPU/1000':>11}{'all CPU/1000':>14}   aim"
         )
         for r in summary["ratios"]:
             judged = "submitted" if r["aim"]["figure"] == "throughput_rps" else "accepted"
@@ -1068,8 +1238,11 @@ def print_table(document: dict[str, Any]) -> None:
                 f"{r['phase'] + ' / ' + r['against']:42}{_fmt(r['throughput_rps'], 2):>11}"
                 f"{_fmt(r['accepted_throughput_rps'], 2):>11}"
                 f"{_fmt(r['cpu_ms_per_1000'], 2):>11}"
+                f"{_fmt(r['all_cpu_ms_per_1000'], 2):>14}"
                 f"   >= {r['aim']['at_least']}x on {judged}: {verdict}"
             )
+        if summary["saturation"]:
+            print(saturation_line(summary["saturation"]))
     print()
     for i, run in enumerate(document["runs"], 1):
         parts = []
@@ -1094,6 +1267,17 @@ def print_table(document: dict[str, Any]) -> None:
         print("note: profiling or tracemalloc slows the children; their throughput is distorted")
     for path in document["profiles"]:
         print(f"profile: {path}")
+
+
+def saturation_line(found: dict[str, Any]) -> str:
+    costs = ", ".join(
+        f"{name} costs {ratio:.2f}x" for name, ratio in found["all_cpu_vs_broker"].items()
+    )
+    return (
+        f"the broker phase kept the machine {found['broker_machine_busy_pct']:.0f} % busy: "
+        "on this machine a phase's drain rate is bounded by all the CPU it costs per request; "
+        f"{costs} the broker phase's (all processes)"
+    )
 
 
 def print_rss(document: dict[str, Any]) -> None:
@@ -1263,7 +1447,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "tracemalloc": args.tracemalloc,
             "profiled": bool(args.profile),
         },
-        "summary": summarize(runs),
+        "summary": summarize(runs, paced=bool(args.rate)),
         "runs": runs,
         "profiles": profiles,
     }
