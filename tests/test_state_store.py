@@ -9,6 +9,7 @@ UNLINK): the server is shared with other tests, so nothing here flushes it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -228,6 +229,29 @@ async def test_a_sent_request_replays_its_event_and_another_fingerprint_is_a_dup
     [answered] = await store.intake([item("r1")])
     assert answered.kind == VerdictKind.replay
     assert (answered.mail_id, answered.event) == ("m1", '{"event": 2}')
+
+
+async def test_ids_and_events_with_any_characters_round_trip_exactly(make: MakeHarness) -> None:
+    """Request ids may hold quotes and backslashes, events any text: what a burst carries
+    to the store (one JSON argument per script call in Redis) comes back unchanged."""
+    store = await (await make()).store()
+    rids = ['q"uote', "back\\slash", "{braces}[1]", "plain"]
+    verdicts = await store.intake(
+        [item(r, subs=(f"@ник_{n}", f"+7916123456{n}")) for n, r in enumerate(rids)]
+    )
+    assert [v.kind for v in verdicts] == [VerdictKind.new] * len(rids)
+    assert (await store.begin_sending(record('m"1', *rids))).kind == GateKind.go
+    events = {
+        rid: json.dumps({"rid": rid, "text": 'ж "😀" \\ \u2028 \x1f end'}, ensure_ascii=False)
+        for rid in rids
+    }
+    await store.finish(Finish(sent={rid: ('m"1', events[rid], "fp") for rid in rids}))
+    replayed = await store.intake([item(r) for r in rids])
+    assert [(v.kind, v.mail_id, v.event) for v in replayed] == [
+        (VerdictKind.replay, 'm"1', events[rid]) for rid in rids
+    ]
+    await store.finish(Finish(mails_done=('m"1',)))
+    assert not await store.knows_mail('m"1')
 
 
 async def test_a_claimed_request_is_a_duplicate_with_another_fingerprint(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
+import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -325,17 +326,19 @@ class RedisStateStore:
             limits.subscriber_streak,
             repr(limits.subscriber_gap_s),
             repr(self._busy_wait),
-            len(items),
+            _json(
+                [
+                    [
+                        item.request_id,
+                        item.fingerprint,
+                        item.content_key,
+                        item.redelivered,
+                        list(item.subscribers),
+                    ]
+                    for item in items
+                ]
+            ),
         ]
-        for item in items:
-            args += [
-                item.request_id,
-                item.fingerprint,
-                item.content_key,
-                "1" if item.redelivered else "0",
-                len(item.subscribers),
-                *item.subscribers,
-            ]
         flat = await self._call("intake", *args)
         return [
             Verdict(
@@ -364,21 +367,22 @@ class RedisStateStore:
             repr(float(record.sms_parts)),
             repr(pace_depth(limits, record.urgent)),
             repr(high_rate_share(limits)) if record.urgent else "",
-            len(ids),
-            *ids,
+            _json(ids),
         )
         return Gate(GateKind(kind), float(wait), reason, lost=tuple(lost), probe=probe == "1")
 
     async def finish(self, finish: Finish) -> None:
-        args: list[str | int] = [self._dedup_ms, len(finish.sent)]
-        for request_id, (mail_id, event, fp) in finish.sent.items():
-            args += [request_id, mail_id, event, fp]
-        args.append(len(finish.answered))
-        for request_id, (event, fp) in finish.answered.items():
-            args += [request_id, event, fp]
-        for group in (finish.released, finish.refunds, finish.mails_done, finish.replied):
-            args += [len(group), *group]
-        await self._call("finish", *args)
+        steps = {
+            "sent": [
+                [rid, mail_id, event, fp] for rid, (mail_id, event, fp) in finish.sent.items()
+            ],
+            "answered": [[rid, event, fp] for rid, (event, fp) in finish.answered.items()],
+            "released": list(finish.released),
+            "refunds": list(finish.refunds),
+            "mails_done": list(finish.mails_done),
+            "replied": list(finish.replied),
+        }
+        await self._call("finish", self._dedup_ms, _json(steps))
 
     # -- mail records -----------------------------------------------------------------
 
@@ -435,6 +439,12 @@ class RedisStateStore:
     async def account_stopped(self) -> str | None:
         reason = await self._command("GET", self._key("stopped"))
         return None if reason is None else str(reason)
+
+
+def _json(value: Any) -> str:
+    """A burst's items as one script argument: redis-py's asyncio client packs every
+    argument in Python, and a burst has thousands; Redis decodes this with cjson."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _ms(seconds: float) -> int:

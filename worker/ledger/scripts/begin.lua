@@ -3,14 +3,14 @@
 -- ARGV[A..]: owner, mail id, record (JSON), submitted_at, record ttl ms, dedup_ttl ms,
 --   mails_per_second, parts_per_second, sms parts, how deep into the pace's burst the
 --   e-mail may go, the share of the rate a high-priority e-mail may use ('' for the
---   others), request count, the request ids.
+--   others), the request ids as one JSON array.
 -- Result: {kind, wait, reason, lost ids, probe ('1'/'0')}.
 local owner, mail_id, record, submitted_at = ARGV[A], ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
 local record_ms, dedup_ms = tonumber(ARGV[A + 4]), tonumber(ARGV[A + 5])
 local mails_rate, parts_rate = tonumber(ARGV[A + 6]), tonumber(ARGV[A + 7])
 local parts = tonumber(ARGV[A + 8])
 local depth, high_share = tonumber(ARGV[A + 9]), ARGV[A + 10]
-local first, last = A + 12, A + 11 + tonumber(ARGV[A + 11])
+local request_ids = cjson.decode(ARGV[A + 11])
 
 local function result(kind, wait, reason, lost, probe)
   return {GEN, GEN_SEEN, {kind, fmt(wait), reason, lost, probe}}
@@ -37,10 +37,10 @@ if circuit[1] then
 end
 
 local lost = {}
-for i = first, last do
-  local e = redis.call('HMGET', key('entry', ARGV[i]), 'state', 'owner')
+for _, request_id in ipairs(request_ids) do
+  local e = redis.call('HMGET', key('entry', request_id), 'state', 'owner')
   if e[1] ~= 'claimed' or e[2] ~= owner then
-    lost[#lost + 1] = ARGV[i]
+    lost[#lost + 1] = request_id
   end
 end
 if #lost > 0 then
@@ -91,8 +91,8 @@ redis.call('PEXPIRE', mail_key, record_ms)
 local unanswered = key('unanswered')
 redis.call('ZADD', unanswered, submitted_at, mail_id)
 redis.call('PEXPIRE', unanswered, record_ms)
-for i = first, last do
-  local entry_key = key('entry', ARGV[i])
+for _, request_id in ipairs(request_ids) do
+  local entry_key = key('entry', request_id)
   redis.call('HSET', entry_key, 'state', 'sending', 'mail', mail_id, 'at', fmt(NOW))
   redis.call('PEXPIRE', entry_key, dedup_ms)
 end

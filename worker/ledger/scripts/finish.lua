@@ -1,57 +1,46 @@
 -- The ledger side of a settled set (see worker.ledger.Finish), in one step.
--- ARGV[A..]: dedup_ttl ms; sent count, then (request id, mail id, event, fingerprint)
---   each; answered count, then (request id, event, fingerprint) each; released count, ids;
---   refunds count, content keys; mails_done count, mail ids; replied count, mail ids.
+-- ARGV[A]: dedup_ttl ms; ARGV[A + 1]: the set as one JSON object (one argument: the
+--   client packs each argument in Python): sent [[request id, mail id, event,
+--   fingerprint], ...], answered [[request id, event, fingerprint], ...], released
+--   [ids], refunds [content keys], mails_done [mail ids], replied [mail ids].
 -- `sent` and `answered` are written even where the entry is gone (Redis lost its data
 -- meanwhile): knowing the request went out is what keeps it from going twice.
 local dedup_ms = tonumber(ARGV[A])
-local at = A + 1
+local set = cjson.decode(ARGV[A + 1])
 
-local function take_count()
-  local n = tonumber(ARGV[at])
-  at = at + 1
-  return n
-end
-
-for _ = 1, take_count() do
-  local entry_key = key('entry', ARGV[at])
+for _, sent in ipairs(set.sent) do
+  local entry_key = key('entry', sent[1])
   local state = redis.call('HGET', entry_key, 'state')
   if state ~= 'answered' then
-    redis.call('HSET', entry_key, 'state', 'sent', 'mail', ARGV[at + 1], 'event', ARGV[at + 2],
-      'fp', ARGV[at + 3], 'at', fmt(NOW))
+    redis.call('HSET', entry_key, 'state', 'sent', 'mail', sent[2], 'event', sent[3],
+      'fp', sent[4], 'at', fmt(NOW))
     redis.call('PEXPIRE', entry_key, dedup_ms)
   end
-  at = at + 4
 end
-for _ = 1, take_count() do
-  local entry_key = key('entry', ARGV[at])
-  redis.call('HSET', entry_key, 'state', 'answered', 'event', ARGV[at + 1], 'fp', ARGV[at + 2],
+for _, answered in ipairs(set.answered) do
+  local entry_key = key('entry', answered[1])
+  redis.call('HSET', entry_key, 'state', 'answered', 'event', answered[2], 'fp', answered[3],
     'at', fmt(NOW))
   redis.call('PEXPIRE', entry_key, dedup_ms)
-  at = at + 3
 end
-for _ = 1, take_count() do
-  local entry_key = key('entry', ARGV[at])
+for _, request_id in ipairs(set.released) do
+  local entry_key = key('entry', request_id)
   if redis.call('EXISTS', entry_key) == 1 then
     redis.call('HSET', entry_key, 'state', 'released', 'at', fmt(NOW))
     redis.call('HDEL', entry_key, 'mail')
     redis.call('PEXPIRE', entry_key, dedup_ms)
   end
-  at = at + 1
 end
-for _ = 1, take_count() do
-  redis.call('ZPOPMAX', key('window', ARGV[at]))
-  at = at + 1
+for _, content in ipairs(set.refunds) do
+  redis.call('ZPOPMAX', key('window', content))
 end
-for _ = 1, take_count() do
-  redis.call('DEL', key('mail', ARGV[at]), key('taken', ARGV[at]))
-  redis.call('ZREM', key('unanswered'), ARGV[at])
-  at = at + 1
+for _, mail_id in ipairs(set.mails_done) do
+  redis.call('DEL', key('mail', mail_id), key('taken', mail_id))
+  redis.call('ZREM', key('unanswered'), mail_id)
 end
-for _ = 1, take_count() do
-  redis.call('DEL', key('mail', ARGV[at]), key('taken', ARGV[at]))
-  redis.call('ZREM', key('unanswered'), ARGV[at])
-  redis.call('SET', key('replied', ARGV[at]), '1', 'PX', dedup_ms)
-  at = at + 1
+for _, mail_id in ipairs(set.replied) do
+  redis.call('DEL', key('mail', mail_id), key('taken', mail_id))
+  redis.call('ZREM', key('unanswered'), mail_id)
+  redis.call('SET', key('replied', mail_id), '1', 'PX', dedup_ms)
 end
 return {GEN, GEN_SEEN, false}

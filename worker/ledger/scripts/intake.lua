@@ -1,8 +1,8 @@
 -- Judge a burst of arriving requests (see StateStore.intake).
 -- ARGV[A..A+7]: owner, dedup_ttl ms, identical_per_window, identical_window s,
---   subscriber_streak, subscriber_gap s, busy wait s, item count; then per item:
---   request id, fingerprint, content key, redelivered ('1'/'0'), subscriber count,
---   the subscribers.
+--   subscriber_streak, subscriber_gap s, busy wait s, and the items as one JSON array,
+--   each [request id, fingerprint, content key, redelivered (boolean), [subscribers]]
+--   (one argument for the burst: the client packs each argument in Python).
 -- Result: per item five values: kind, wait (seconds, as text), reason, mail id, event.
 local owner = ARGV[A]
 local dedup_ms = tonumber(ARGV[A + 1])
@@ -11,7 +11,7 @@ local window = tonumber(ARGV[A + 3])
 local streak_limit = tonumber(ARGV[A + 4])
 local gap = tonumber(ARGV[A + 5])
 local busy_wait = ARGV[A + 6]
-local count = tonumber(ARGV[A + 7])
+local items = cjson.decode(ARGV[A + 7])
 local ledger_lost_window = redis.call('EXISTS', KEYS[2]) == 1
 
 local function held_by_other(entry_owner)
@@ -20,13 +20,10 @@ local function held_by_other(entry_owner)
 end
 
 local out = {}
-local at = A + 8
-for item = 1, count do
-  local rid, fp, content = ARGV[at], ARGV[at + 1], ARGV[at + 2]
-  local redelivered = ARGV[at + 3] == '1'
-  local first_sub = at + 5
-  local last_sub = first_sub + tonumber(ARGV[at + 4]) - 1
-  at = last_sub + 1
+for item, fields in ipairs(items) do
+  local rid, fp, content = fields[1], fields[2], fields[3]
+  local redelivered = fields[4]
+  local subscribers = fields[5]
 
   local entry_key = key('entry', rid)
   local e = redis.call('HMGET', entry_key, 'state', 'fp', 'owner', 'mail', 'event')
@@ -59,8 +56,8 @@ for item = 1, count do
         false}
     else
       local streak_wait = 0
-      for s = first_sub, last_sub do
-        local last = redis.call('HMGET', key('streak', ARGV[s]), 'last', 'n')
+      for _, subscriber in ipairs(subscribers) do
+        local last = redis.call('HMGET', key('streak', subscriber), 'last', 'n')
         if last[1] then
           local last_at, streak = tonumber(last[1]), tonumber(last[2])
           if NOW - last_at < gap and streak >= streak_limit then
@@ -73,8 +70,8 @@ for item = 1, count do
       else
         redis.call('ZADD', window_key, fmt(NOW), fmt(NOW) .. ':' .. CALL_ID .. ':' .. item)
         redis.call('PEXPIRE', window_key, ms(window))
-        for s = first_sub, last_sub do
-          local streak_key = key('streak', ARGV[s])
+        for _, subscriber in ipairs(subscribers) do
+          local streak_key = key('streak', subscriber)
           local last = redis.call('HMGET', streak_key, 'last', 'n')
           local streak = 1
           if last[1] and NOW - tonumber(last[1]) < gap then
