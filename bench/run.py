@@ -1,6 +1,6 @@
 """Throughput benchmark: the smsc-worker against a bare aio-pika loop, on the real RabbitMQ.
 
-    python -m bench.run [--requests 5000] [--runs 3] [--json]
+    python -m bench.run [--requests 20000] [--runs 3] [--json]
 
 Each run measures two phases, in alternating order from run to run:
 
@@ -1317,7 +1317,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.run",
         description="smsc-worker throughput against a bare aio-pika loop on the local RabbitMQ",
     )
-    parser.add_argument("--requests", type=int, default=5000, help="requests per phase")
+    parser.add_argument("--requests", type=int, default=20000, help="requests per phase")
     parser.add_argument("--runs", type=int, default=3, help="baseline+worker pairs (median)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--url", default=DEFAULT_URL, help="RabbitMQ AMQP URL")
