@@ -133,10 +133,6 @@ def check_characters(field: str, value: str, *, newline: bool = False) -> str:
     return value
 
 
-def _checked_text(value: str) -> str:
-    return check_characters("text", value, newline=True)
-
-
 class HourWindow(BaseModel):
     """Deliver only between two hours of the day: in the account's own time zone, or in
     Moscow time shifted by the request's `tz`."""
@@ -260,7 +256,7 @@ class SendRequest(BaseModel):
                 "text is {length} characters; the gateway takes at most {limit}",
                 {"length": len(value), "limit": MAX_TEXT_CHARS},
             )
-        _checked_text(value)
+        check_characters("text", value, newline=True)
         if hides_reserved_prefix(value):
             raise PydanticCustomError(
                 RESERVED_PREFIX,

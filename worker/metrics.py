@@ -232,31 +232,21 @@ class Metrics:
             self.circuit.labels(account, state.value).set_function(partial(is_in, state))
 
     def published(self, events: Sequence[ResultEvent]) -> None:
-        # Counted per series first: events come by the thousand, a series' child costs a
-        # lock and a lookup.
-        results: collections.Counter[tuple[str, str]] = collections.Counter()
-        retries: collections.Counter[tuple[str, str]] = collections.Counter()
-        deferrals: collections.Counter[tuple[str, str]] = collections.Counter()
-        parts: collections.Counter[str] = collections.Counter()
+        # Tallied per series first: events come by the thousand, and each touch of a
+        # series costs a lock and a lookup.
+        tally: collections.Counter[tuple[Counter, tuple[str, ...]]] = collections.Counter()
         for event in events:
             account = event.account or ""
-            results[event.status.value, account] += 1
+            tally[self.results, (event.status.value, account)] += 1
             reason = event.error.code if event.error else ""
             if event.status == Status.retrying:
-                retries[reason, account] += 1
+                tally[self.retries, (reason, account)] += 1
             elif event.status == Status.deferred:
-                deferrals[reason, account] += 1
+                tally[self.deferrals, (reason, account)] += 1
             elif event.status in (Status.submitted, Status.unknown):
-                parts[account] += event.sms_count or 0
-        for counter, counts in (
-            (self.results, results),
-            (self.retries, retries),
-            (self.deferrals, deferrals),
-        ):
-            for labels, count in counts.items():
-                counter.labels(*labels).inc(count)
-        for account, count in parts.items():
-            self.sms_parts.labels(account).inc(count)
+                tally[self.sms_parts, (account,)] += event.sms_count or 0
+        for (series, labels), count in tally.items():
+            series.labels(*labels).inc(count)
 
     def dead_lettered(self, codes: Iterable[str]) -> None:
         for code in codes:
