@@ -9,11 +9,14 @@ import time
 
 import aiosmtplib
 import pytest
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.support.smtp import SmtpSink, emulator_with_sink, raw_mail, send_mail
 from worker.emulator import Emulator, EmulatorConfig
 from worker.emulator import relay as relay_module
 from worker.emulator.relay import ReplyRelay
+from worker.smtp_server import bound_port, serve_smtp
 
 PHONE = "79991234567"
 
@@ -206,6 +209,43 @@ async def test_reply_to_a_relay_that_stays_down_is_dropped_after_the_retries(
     messages = [r.getMessage() for r in caplog.records]
     assert sum("retrying" in m for m in messages) == 2
     assert "dropped: relay unreachable" in messages[-1]
+
+
+class RefusingRelay:
+    """A relay that refuses every recipient with `code`, counting the attempts."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.attempts = 0
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        self.attempts += 1
+        return f"{self.code} {'no such user' if self.code >= 500 else 'try again later'}"
+
+
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+@pytest.mark.parametrize("code", [550, 451])
+async def test_a_relay_refusing_the_reply_for_good_is_asked_once_and_for_now_again(
+    code: int, lmtp: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(relay_module, "RETRY_DELAYS_S", (0.01, 0.01))
+    refusing = RefusingRelay(code)
+    server = await serve_smtp(refusing, "127.0.0.1", 0, smtp_class=LMTP if lmtp else SMTP)
+    try:
+        relay = ReplyRelay("127.0.0.1", bound_port(server), "gateway@example.com", lmtp=lmtp)
+        with caplog.at_level(logging.INFO, logger=relay_module.__name__):
+            relay.send("client@example.com", "OK - 1 SMS, ID - 1", None)
+            async with asyncio.timeout(5):
+                while relay.pending:
+                    await asyncio.sleep(0.01)
+    finally:
+        server.close()
+        await server.wait_closed()
+    # 5xx: the relay's answer is final; 4xx: asked again after each delay.
+    assert refusing.attempts == (1 if code >= 500 else 3)
+    assert f"dropped: relay said {code}" in caplog.records[-1].getMessage()
 
 
 async def test_stop_does_not_wait_for_replies_the_relay_cannot_take() -> None:

@@ -2,7 +2,8 @@
 
 A reply must never hold up the SMTP session that caused it (the real gateway answers by
 a separate e-mail, later), so each one is a task on the emulator's loop. A relay that is
-down is retried a few times; after that the reply is logged and dropped, as mail is.
+down or answering 4xx is retried a few times; after that, or at once when it refuses the
+reply for good (5xx), the reply is logged and dropped, as mail is.
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ def build_reply(
     else:
         message.set_content(body.encode(charset), "text", "plain", cte="8bit")
     return message
+
+
+def _refusal_code(exc: Exception) -> int | None:
+    """The relay's reply code when it answered the message with a refusal (the lowest, where
+    it refused recipients one by one); None when it did not answer (down, cut off)."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return exc.code
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return exc.smtp_code
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused) and exc.recipients:
+        return min(refused.code for refused in exc.recipients)
+    if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
+        return min(code for code, _ in exc.recipients.values())
+    return None
 
 
 def _lmtp_send(host: str, port: int, sender: str, to: str, message: EmailMessage) -> None:
@@ -89,12 +104,12 @@ class ReplyRelay:
                     timeout=SEND_TIMEOUT_S,
                 )
                 return
-            except aiosmtplib.SMTPResponseException as exc:
-                if exc.code >= 500 or delay is None:
-                    log.warning("reply to %s dropped: relay said %s %s", to, exc.code, exc.message)
-                    return
-                failure = f"{exc.code} {exc.message}"
             except (aiosmtplib.SMTPException, smtplib.SMTPException, OSError) as exc:
+                code = _refusal_code(exc)
+                # A permanent refusal stays one: trying again only repeats it.
+                if code is not None and (code >= 500 or delay is None):
+                    log.warning("reply to %s dropped: relay said %s (%s)", to, code, exc)
+                    return
                 if delay is None:
                     log.warning("reply to %s dropped: relay unreachable (%s)", to, exc)
                     return
