@@ -317,6 +317,29 @@ async def test_retries_give_up_only_at_the_age_limit_and_dead_letter(amqp: AmqpS
     assert emulator.deliveries == []
 
 
+async def test_attempts_an_outage_refused_do_not_count_towards_the_subscriber_streak(
+    amqp: AmqpSettings,
+) -> None:
+    """The gateway counts the messages it gets: an attempt refused at the door is none. A
+    request retried through an outage must not run its subscriber's streak up to the limit
+    and then wait out the gap once the gateway is back."""
+    limits = WORKER_LIMITS.model_copy(update={"subscriber_streak": 3, "subscriber_gap_s": 300})
+    retry = RetrySettings(base_delay_s=0.3, max_delay_s=0.6)
+    async with (
+        collecting(amqp) as (broker, results),
+        gateway_and_worker(amqp, limits=limits, retry=retry) as (emulator, _),
+    ):
+        await emulator.faults.refuse_connections()
+        await broker.publish({"request_id": "patient", "to": phone(1), "text": "x"})
+        await results.wait_until(lambda: results.statuses("patient").count(Status.retrying) >= 5)
+        await emulator.faults.accept_connections()
+        await results.wait_until(lambda: Status.accepted in results.statuses("patient"), 30)
+
+    codes = {e.error.code for e in results.of("patient") if e.error is not None}
+    assert codes == {"smtp_transient"}
+    assert emulator.delivered(phone(1), "x") == 1
+
+
 async def test_error_9_waits_out_the_window_and_retries(amqp: AmqpSettings) -> None:
     # The worker's own window is set shorter than the gateway's, so the gateway's rule trips.
     limits = WORKER_LIMITS.model_copy(update={"identical_window_s": 0.2})

@@ -34,6 +34,7 @@ from worker.ledger import (
     Intake,
     MailBusy,
     MailRecord,
+    Refund,
     SplitNotes,
     StateStore,
     StateUnavailable,
@@ -196,6 +197,7 @@ def record(
             copy=RequestCopy(body=body, headers={"h": "v", "n": 1}, message_id=rid),
             content_key=f"c-{rid}",
             lane=lane,
+            subscribers=("79161234567",),
         )
         for rid in rids
     )
@@ -341,9 +343,27 @@ async def test_a_refund_gives_back_the_latest_admission(make: MakeHarness) -> No
     await store.intake([item("r0", content="same"), item("r1", content="same")])
     [waiting] = await store.intake([item("r2", content="same")])
     assert waiting.kind == VerdictKind.wait
-    await store.finish(Finish(released=["r1"], refunds=["same"]))
+    await store.finish(Finish(released=["r1"], refunds=[Refund("same")]))
     [admitted] = await store.intake([item("r2", content="same")])
     assert admitted.kind == VerdictKind.new
+
+
+async def test_a_refund_gives_back_a_message_of_each_subscribers_streak(
+    make: MakeHarness,
+) -> None:
+    """An attempt whose e-mail never reached the gateway (refused, cut before DATA, held
+    back) is no message to its subscribers: retried through an outage, a request must not
+    run its own streak up to the limit."""
+    store = await (await make()).store()
+    subs = ("+79161234567", "+79167654321")
+    for attempt in range(5):
+        [admitted] = await store.intake([item("r1", subs=subs)])
+        assert admitted.kind == VerdictKind.new, attempt
+        await store.finish(Finish(released=["r1"], refunds=[Refund("c-r1", subs)]))
+    # Three real messages still fill the streak (limit 3), refunds or not.
+    verdicts = await store.intake([item(f"s{n}", subs=subs[:1]) for n in range(4)])
+    assert [v.kind for v in verdicts] == [VerdictKind.new] * 3 + [VerdictKind.wait]
+    assert verdicts[3].reason == "subscriber_flood"
 
 
 async def test_a_subscriber_streak_waits_for_the_gap_then_starts_anew(
@@ -680,7 +700,7 @@ async def test_replicas_share_the_limits(make_redis: MakeHarness) -> None:
     [flood] = await a.intake([item("r5", subs=("s",))])
     assert (flood.kind, flood.reason) == (VerdictKind.wait, "subscriber_flood")
     # A refund by one replica frees the other's window.
-    await b.finish(Finish(refunds=["same"]))
+    await b.finish(Finish(refunds=[Refund("same")]))
     [refunded] = await a.intake([item("r3", content="same")])
     assert refunded.kind == VerdictKind.new
 
@@ -755,7 +775,9 @@ async def test_every_key_carries_the_account_tag_and_a_ttl(make_redis: MakeHarne
     await store.intake([item("r3", content="c-r1", subs=("+79161234567",))])
     await store.begin_sending(record("m1", "r1", "r3"))
     await store.begin_sending(record("m2", "r2"))
-    await store.finish(Finish(sent={"r1": ("m1", "ev", "fp")}, released=["r2"], refunds=["c-r2"]))
+    await store.finish(
+        Finish(sent={"r1": ("m1", "ev", "fp")}, released=["r2"], refunds=[Refund("c-r2")])
+    )
     await store.take_mail("m1")
     await store.mark_unknown("m1")
     await store.open_circuit("blocked", None)

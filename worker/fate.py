@@ -57,6 +57,7 @@ class Subject:
     attempt: int = 1
     first_seen: float = 0.0
     content_key: str = ""
+    subscribers: tuple[str, ...] = ()
     sms_parts: int | None = None
     # The split it travels in (`Split.group`), kept by every copy until it ends.
     group: str = ""
@@ -77,6 +78,7 @@ class Subject:
             attempt=carried.attempt,
             first_seen=carried.first_seen,
             content_key=carried.content_key,
+            subscribers=carried.subscribers,
             sms_parts=carried.sms_parts,
             group=group,
             lane=carried.lane,

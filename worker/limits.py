@@ -81,6 +81,13 @@ class SubscriberStreaks:
         streak = 1 if last is None or now - last[0] >= self._gap else last[1] + 1
         self._last[subscriber] = (now, streak)
 
+    def forget_latest(self, subscriber: str) -> None:
+        """A message counted that never went: the streak is one shorter. Its time stays,
+        which can only make the gap end later than the gateway's."""
+        last = self._last.get(subscriber)
+        if last is not None and last[1] > 0:
+            self._last[subscriber] = (last[0], last[1] - 1)
+
     def prune(self, now: float) -> None:
         stale = [s for s, (t, _) in self._last.items() if now - t >= self._gap]
         for subscriber in stale:

@@ -56,6 +56,11 @@ class PreparedRequest:
         return sms_count(self.sms_parts, self.line.phones)
 
     @property
+    def subscribers(self) -> tuple[str, ...]:
+        """Who the recipients are, as the gateway's flood rule counts them."""
+        return tuple(r.key for r in self.recipients)
+
+    @property
     def pace_parts(self) -> int:
         """What the account's parts pace counts: a message of unknown size as one part, and
         a group as one recipient, since the pace cannot wait for what it cannot know."""

@@ -160,6 +160,7 @@ class Pending:
             attempt=self.provenance.attempt,
             first_seen=self.first_seen,
             content_key=self.prepared.content_key,
+            subscribers=self.prepared.subscribers,
             sms_parts=self.prepared.sms_parts,
             group=self.provenance.group,
             lane=self.delivery.lane,
@@ -179,6 +180,7 @@ class Pending:
             content_key=self.prepared.content_key,
             lane=self.delivery.lane,
             account=self.delivery.account,
+            subscribers=self.prepared.subscribers,
         )
 
 
@@ -764,7 +766,7 @@ class Service:
                         p.request.request_id,
                         fingerprint(p.delivery.body),
                         p.prepared.content_key,
-                        tuple(r.key for r in p.prepared.recipients),
+                        p.prepared.subscribers,
                         p.delivery.redelivered or p.provenance.in_doubt,
                     )
                     for p in waiting

@@ -39,7 +39,7 @@ from worker.fate import (
     Unknown,
 )
 from worker.lanes import Lane
-from worker.ledger import Finish, StateStore, StateUnavailable
+from worker.ledger import Finish, Refund, StateStore, StateUnavailable
 from worker.protocol.recipients import sms_count
 from worker.settings import DEFAULT_ACCOUNT
 from worker.telemetry import Telemetry, event_headers
@@ -142,7 +142,7 @@ class _Steps:
     finish_sent: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     finish_answered: dict[str, tuple[str, str]] = field(default_factory=dict)
     released: list[str] = field(default_factory=list)
-    refunds: list[str] = field(default_factory=list)
+    refunds: list[Refund] = field(default_factory=list)
     unknown_mails: set[str] = field(default_factory=set)
 
 
@@ -308,7 +308,7 @@ class Settler:
         elif isinstance(fate, Reject | Later | Fail):
             steps.released.append(rid)
         if isinstance(fate, Later | Fail) and fate.refund and subject.content_key:
-            steps.refunds.append(subject.content_key)
+            steps.refunds.append(Refund(subject.content_key, subject.subscribers))
 
     def _last_chance(self, delivery: Delivery, fate: Requeue) -> Fate:
         """The broker dead-letters a delivery returned once more than its limit, and no

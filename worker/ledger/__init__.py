@@ -60,6 +60,16 @@ class Intake:
 
 
 @dataclass(frozen=True, slots=True)
+class Refund:
+    """An admission given back: the request's e-mail was refused whole (or never went), so
+    the gateway counted it neither as an identical copy nor towards its subscribers'
+    streaks."""
+
+    content_key: str
+    subscribers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     kind: VerdictKind
     wait: float = 0.0
@@ -83,6 +93,8 @@ class CarriedRequest:
     content_key: str = ""
     lane: Lane = Lane.normal
     account: str = DEFAULT_ACCOUNT
+    # Who the recipients are (`Recipient.key`), as the subscriber streaks count them.
+    subscribers: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +108,7 @@ class CarriedRequest:
             "content_key": self.content_key,
             "lane": self.lane.value,
             "account": self.account,
+            "subscribers": list(self.subscribers),
         }
 
     @classmethod
@@ -111,6 +124,7 @@ class CarriedRequest:
             content_key=data["content_key"],
             lane=Lane(data.get("lane", Lane.normal)),
             account=data.get("account", DEFAULT_ACCOUNT),
+            subscribers=tuple(data.get("subscribers", ())),
         )
 
 
@@ -191,8 +205,8 @@ class Finish:
     answered: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     # requests of which nothing went out: a later copy may be sent.
     released: Sequence[str] = ()
-    # content keys admitted for requests whose e-mail was refused whole: no copy after all.
-    refunds: Sequence[str] = ()
+    # admissions of requests whose e-mail was refused whole: no copy, no message after all.
+    refunds: Sequence[Refund] = ()
     # e-mails that are settled: their records are dropped.
     mails_done: Sequence[str] = ()
     # e-mails whose reply was applied: their records are dropped and a mark is kept (for

@@ -180,8 +180,10 @@ class MemoryStateStore:
             entry = self._ledger.get(request_id)
             if entry is not None:
                 self._set(request_id, replace(entry, state="released", mail_id=None, at=now))
-        for key in finish.refunds:
-            self._identical.forget_latest(key)
+        for refund in finish.refunds:
+            self._identical.forget_latest(refund.content_key)
+            for subscriber in refund.subscribers:
+                self._streaks.forget_latest(subscriber)
         for mail_id in (*finish.mails_done, *finish.replied):
             self._mails.pop(mail_id, None)
             self._taken.discard(mail_id)

@@ -378,7 +378,7 @@ class RedisStateStore:
             ],
             "answered": [[rid, event, fp] for rid, (event, fp) in finish.answered.items()],
             "released": list(finish.released),
-            "refunds": list(finish.refunds),
+            "refunds": [[r.content_key, list(r.subscribers)] for r in finish.refunds],
             "mails_done": list(finish.mails_done),
             "replied": list(finish.replied),
         }

@@ -2,7 +2,8 @@
 -- ARGV[A]: dedup_ttl ms; ARGV[A + 1]: the set as one JSON object (one argument: the
 --   client packs each argument in Python): sent [[request id, mail id, event,
 --   fingerprint], ...], answered [[request id, event, fingerprint], ...], released
---   [ids], refunds [content keys], mails_done [mail ids], replied [mail ids].
+--   [ids], refunds [[content key, [subscribers]], ...], mails_done [mail ids], replied
+--   [mail ids].
 -- `sent` and `answered` are written even where the entry is gone (Redis lost its data
 -- meanwhile): knowing the request went out is what keeps it from going twice.
 local dedup_ms = tonumber(ARGV[A])
@@ -31,8 +32,17 @@ for _, request_id in ipairs(set.released) do
     redis.call('PEXPIRE', entry_key, dedup_ms)
   end
 end
-for _, content in ipairs(set.refunds) do
-  redis.call('ZPOPMAX', key('window', content))
+-- A refund gives back an admission: its identical copy and one message of each of its
+-- subscribers' streaks (the streak's time stays: the gap can only end later).
+for _, refund in ipairs(set.refunds) do
+  redis.call('ZPOPMAX', key('window', refund[1]))
+  for _, subscriber in ipairs(refund[2]) do
+    local streak_key = key('streak', subscriber)
+    local n = tonumber(redis.call('HGET', streak_key, 'n') or '0')
+    if n > 0 then
+      redis.call('HSET', streak_key, 'n', n - 1)
+    end
+  end
 end
 for _, mail_id in ipairs(set.mails_done) do
   redis.call('DEL', key('mail', mail_id), key('taken', mail_id))
