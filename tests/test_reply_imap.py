@@ -340,7 +340,48 @@ async def test_replies_in_the_mailbox_become_accepted_and_failed_events(
     assert failed.error is not None and failed.error.gateway_error == 6
 
 
-# 3. a reply that arrives while no worker runs ---------------------------------------------
+# 3. a reply that arrives while the worker waits --------------------------------------------
+
+
+@BOTH_SERVERS
+async def test_a_reply_delivered_while_the_worker_waits_is_read_at_its_next_look(
+    amqp: AmqpSettings, mailbox: Mailbox, server: Server
+) -> None:
+    """With IDLE the server tells at once; without, the next poll reads it, not the one after."""
+    async with AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(ImapProxy(server.imap_port))
+        emulator = await stack.enter_async_context(Emulator(EmulatorConfig()))
+        broker, results = await stack.enter_async_context(collecting(amqp))
+        service = await stack.enter_async_context(
+            Service(imap_settings(amqp, emulator.port, mailbox.reply_settings(proxy.port)))
+        )
+        await ready(service)
+        await broker.publish({"request_id": "next", "to": phone(8), "text": "hi"})
+        await results.wait_until(lambda: Status.submitted in results.statuses("next"))
+        mail_id = results.of("next")[0].gateway_id
+        assert mail_id is not None
+        address = service.reply_from(mail_id)
+        metrics = service.telemetry.metrics
+
+        def last_read() -> float:
+            return float(metrics.imap_last_poll._value.get())
+
+        before = last_read()
+        await until(lambda: last_read() > before)
+        # A read has just ended and the worker waits (this check runs on its loop, long before
+        # its poll is due): whatever it sends next reaches the server after the reply.
+        proxy.hold()
+        before = last_read()
+        await mailbox.deliver(gateway_reply(address, f"OK - 1 SMS, ID - {mail_id}"), address)
+        proxy.release()
+        await until(lambda: last_read() > before)
+        # The reply is applied before the read that found it ends: that is the first one.
+        assert metrics.imap_replies._value.get() == 1
+        await results.wait_until(lambda: Status.accepted in results.statuses("next"))
+        await mailbox.wait_for({"INBOX": 0, PROCESSED: 1, NOT_REPLIES: 0})
+
+
+# 4. a reply that arrives while no worker runs ---------------------------------------------
 
 
 async def test_a_reply_that_arrives_while_the_worker_is_down_is_applied_after_it_starts(
@@ -371,7 +412,7 @@ async def test_a_reply_that_arrives_while_the_worker_is_down_is_applied_after_it
     assert final_events(results, ["late"]) == {("late", Status.accepted): 1}
 
 
-# 4. killed between settling and moving ----------------------------------------------------
+# 5. killed between settling and moving ----------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -439,7 +480,7 @@ async def test_a_worker_killed_between_settling_and_moving_does_not_apply_the_re
     assert len(accepted) == len(set(accepted)) == len(ids)
 
 
-# 5. two replicas on one mailbox ------------------------------------------------------------
+# 6. two replicas on one mailbox ------------------------------------------------------------
 
 
 @BOTH_SERVERS
@@ -480,7 +521,7 @@ async def test_two_replicas_reading_one_mailbox_apply_each_reply_once(
     assert final_events(results, ids) == {(r, Status.accepted): 1 for r in ids}
 
 
-# 6. bounces and forged replies -------------------------------------------------------------
+# 7. bounces and forged replies -------------------------------------------------------------
 
 
 @BOTH_SERVERS
@@ -577,7 +618,7 @@ async def test_the_address_decides_over_the_body_as_with_the_listener(
     }
 
 
-# 7. the IMAP server going away -------------------------------------------------------------
+# 8. the IMAP server going away -------------------------------------------------------------
 
 
 @BOTH_SERVERS
@@ -607,7 +648,7 @@ async def test_the_mailbox_going_away_and_coming_back_is_survived(
         await ready(service)
 
 
-# 8. without plus-addressing ----------------------------------------------------------------
+# 9. without plus-addressing ----------------------------------------------------------------
 
 
 def test_without_plus_addressing_the_worker_will_not_start_unless_told_how_to_trust(

@@ -350,6 +350,10 @@ class Mailbox:
             try:
                 await asyncio.wait_for(self._lost.wait(), longest_s)
             except TimeoutError:
+                # The poll itself. A server reports new mail at the end of a command and
+                # answers a SEARCH from what it had reported before (Dovecot does): without
+                # this the next read would find it only at the poll after.
+                _ok(await self._call(self.client.noop()), "noop")
                 return
             raise MailboxGone("connection lost")
         idle = await self._call(self.client.idle_start(timeout=longest_s))
