@@ -420,10 +420,12 @@ async def test_a_reply_that_arrives_while_the_worker_is_down_is_applied_after_it
     [
         # The full server moves in one command: cut there, the reply is in the folder still.
         (FULL, b"UID MOVE", {"INBOX": 1, PROCESSED: 0}),
-        # The basic one copies, flags \Deleted, expunges: cut before the copy.
+        # The basic one copies, flags \Deleted, expunges: cut before the copy, and before the
+        # expunge (copied already, flagged, still in the folder: it must not be copied again).
         (BASIC, b"UID COPY", {"INBOX": 1, PROCESSED: 0}),
+        (BASIC, b"EXPUNGE", {"INBOX": 1, PROCESSED: 1}),
     ],
-    ids=["full-move", "basic-copy"],
+    ids=["full-move", "basic-copy", "basic-expunge"],
 )
 @pytest.mark.timeout(120)
 async def test_a_worker_killed_between_settling_and_moving_does_not_apply_the_reply_twice(
