@@ -240,7 +240,8 @@ async def ready(service: Service) -> None:
 class ImapProxy(TcpProxy):
     """A proxy to a Dovecot that watches what its client sends. It goes down (every
     connection cut, new ones refused) the moment the client sends `cut_at`; and it can hold
-    what the client sends (`hold`, or the moment the client sends `hold_at`) until `release`."""
+    what the client sends (`hold`, or the moment the client sends `hold_at`) until `release`,
+    keeping what the client sent from then on in `sent_since_hold`."""
 
     def __init__(self, port: int, cut_at: bytes = b"", hold_at: bytes = b"") -> None:
         super().__init__(port)
@@ -248,12 +249,14 @@ class ImapProxy(TcpProxy):
         self.hold_at = hold_at
         self.cut = asyncio.Event()
         self.held = asyncio.Event()
+        self.sent_since_hold = bytearray()
         self._open = asyncio.Event()
         self._open.set()
 
     def hold(self) -> None:
         self._open.clear()
         self.held.set()
+        self.sent_since_hold.clear()
 
     def release(self) -> None:
         self.hold_at = b""
@@ -276,6 +279,7 @@ class ImapProxy(TcpProxy):
                 if self.hold_at and self.hold_at in data.upper():
                     self.hold()
                 await self._open.wait()
+                self.sent_since_hold += data
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.CancelledError):
@@ -340,7 +344,7 @@ async def test_replies_in_the_mailbox_become_accepted_and_failed_events(
     assert failed.error is not None and failed.error.gateway_error == 6
 
 
-# 3. a reply that arrives while the worker waits --------------------------------------------
+# 3. a reply that arrives while the worker waits, or while it reads ---------------------------
 
 
 @BOTH_SERVERS
@@ -379,6 +383,55 @@ async def test_a_reply_delivered_while_the_worker_waits_is_read_at_its_next_look
         assert metrics.imap_replies._value.get() == 1
         await results.wait_until(lambda: Status.accepted in results.statuses("next"))
         await mailbox.wait_for({"INBOX": 0, PROCESSED: 1, NOT_REPLIES: 0})
+
+
+@BOTH_SERVERS
+async def test_a_reply_delivered_while_the_folder_is_read_is_read_before_the_worker_waits(
+    amqp: AmqpSettings, mailbox: Mailbox, server: Server
+) -> None:
+    """The server reports mail that arrives during a read in that read's answers, so an IDLE
+    after it does not report it again: the worker reads the folder again before waiting."""
+    async with AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(ImapProxy(server.imap_port))
+        emulator = await stack.enter_async_context(Emulator(EmulatorConfig()))
+        broker, results = await stack.enter_async_context(collecting(amqp))
+        # Far longer than the test waits: only a read before the wait finds the second reply.
+        # A long deadline too, so the worker held below does not give up and connect again.
+        reply = mailbox.reply_settings(proxy.port, poll_interval_s=600, timeout_s=30)
+        service = await stack.enter_async_context(
+            Service(imap_settings(amqp, emulator.port, reply))
+        )
+        await ready(service)
+        addresses = []
+        for n, request_id in enumerate(("first", "second"), 1):
+            await broker.publish({"request_id": request_id, "to": phone(n), "text": "hi"})
+            await results.wait_until(lambda r=request_id: Status.submitted in results.statuses(r))
+            mail_id = results.of(request_id)[0].gateway_id
+            assert mail_id is not None
+            addresses.append((service.reply_from(mail_id), mail_id))
+        metrics = service.telemetry.metrics
+        # The worker reads the folder as it connects again; it is held fetching the first reply.
+        proxy.down()
+        await until(lambda: metrics.imap_connected._value.get() == 0)
+        for address, mail_id in addresses[:1]:
+            await mailbox.deliver(gateway_reply(address, f"OK - 1 SMS, ID - {mail_id}"), address)
+        proxy.hold_at = b"BODY.PEEK"
+        proxy.restore()
+        await asyncio.wait_for(proxy.held.wait(), 30)
+        for address, mail_id in addresses[1:]:
+            await mailbox.deliver(gateway_reply(address, f"OK - 1 SMS, ID - {mail_id}"), address)
+        proxy.release()
+        await results.wait_until(
+            lambda: all(Status.accepted in results.statuses(r) for r in ("first", "second"))
+        )
+        await mailbox.wait_for({"INBOX": 0, PROCESSED: 2, NOT_REPLIES: 0})
+        assert metrics.imap_replies._value.get() == 2
+        # The second was read before the worker waited or connected again, not after a wait
+        # that ended for another reason: Dovecot's "* OK Still here" ends an IDLE as news would.
+        fetches = bytes(proxy.sent_since_hold).split(b"BODY.PEEK")
+        between = fetches[1] if len(fetches) > 2 else b""
+        assert between, fetches
+        assert not any(c in between for c in (b"IDLE", b"NOOP", b"SELECT")), fetches
 
 
 # 4. a reply that arrives while no worker runs ---------------------------------------------

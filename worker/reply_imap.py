@@ -318,10 +318,15 @@ class Mailbox:
         if self._client is not None and self._client.protocol.transport is not None:
             self._client.protocol.transport.close()
 
-    async def listing(self) -> list[Listed]:
-        """Every message of the folder, oldest first."""
+    async def listing(self, after: int = 0) -> list[Listed]:
+        """Every message of the folder with a UID above `after`, oldest first."""
         found = _ok(await self._call(self.client.uid_search("ALL", charset=None)), "search")
-        uids = [p for line in found.lines[:1] for p in bytes(line).split() if p.isdigit()]
+        uids = [
+            p
+            for line in found.lines[:1]
+            for p in bytes(line).split()
+            if p.isdigit() and int(p) > after
+        ]
         if not uids:
             return []
         fetched = await self._call(
@@ -456,10 +461,21 @@ class ImapReplies:
         self._metrics.imap_connected.set(1 if connected else 0)
 
     async def _read_folder(self, mailbox: Mailbox) -> None:
-        for message in await mailbox.listing():
-            await self._read_message(mailbox, message)
-        self.last_poll = time.time()
-        self._metrics.imap_last_poll.set(self.last_poll)
+        # Mail that arrives during a read is reported in the answers to its commands, and an
+        # IDLE after them does not report it again: list the folder again until nothing is
+        # new. Only what is new is read again (a message left for the next poll waits for it).
+        newest = 0
+        while True:
+            listed = await mailbox.listing(after=newest)
+            for message in listed:
+                await self._read_message(mailbox, message)
+            # Each pass reads the folder to its end: under a steady stream of replies the
+            # passes may go on, and the worker is healthy meanwhile.
+            self.last_poll = time.time()
+            self._metrics.imap_last_poll.set(self.last_poll)
+            if not listed:
+                return
+            newest = listed[-1].uid
 
     async def _read_message(self, mailbox: Mailbox, message: Listed) -> None:
         uid = message.uid
