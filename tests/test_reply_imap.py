@@ -1,7 +1,10 @@
-"""Replies read from a mailbox over IMAP, against the real Dovecot of `scripts/ensure-dovecot`
-(IMAP on 10143, implicit TLS on 10993, LMTP on 10024). Mail reaches it the way an MTA
-delivers it, over LMTP: from the emulator itself, or from the test. Each test has a mailbox
-user of its own, deleted afterwards."""
+"""Replies read from a mailbox over IMAP, against the real Dovecots of `scripts/ensure-dovecot`:
+the full one (IMAP on 10143, implicit TLS on 10993, LMTP on 10024) and the basic one on the
+same mail (IMAP on 10144, implicit TLS on 10994), which offers no IDLE, MOVE or UIDPLUS, so
+the worker polls and moves with COPY, \\Deleted and EXPUNGE there. The tests where those paths
+matter run against both. Mail reaches the mailbox the way an MTA delivers it, over LMTP: from
+the emulator itself, or from the test. Each test has a mailbox user of its own, deleted
+afterwards."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from tests.test_faults import TcpProxy, WorkerProcess, worker_env
 from worker.contract import Status
 from worker.emulator.config import EmulatorConfig
 from worker.emulator.server import Emulator
+from worker.reply_imap import Mailbox as WorkerMailbox
 from worker.reply_imap import authenticated_domains
 from worker.service import Service
 from worker.settings import (
@@ -42,10 +47,28 @@ DOVECOT_DIR = Path("/var/lib/smsc-dovecot")
 IMAP_PORT = 10143
 IMAPS_PORT = 10993
 LMTP_PORT = 10024
+BASIC_IMAP_PORT = 10144
+BASIC_IMAPS_PORT = 10994
 PASSWORD = "smsc-test"  # the local test server's, for every user
 GATEWAY = "send@send.smscentre.com"
 PROCESSED = "done"
 NOT_REPLIES = "not-replies"
+# Where the server has no IDLE the worker reads the folder this often.
+POLL_S = 2
+
+
+@dataclass(frozen=True)
+class Server:
+    """One of the two Dovecots, both over the same mail."""
+
+    name: str
+    imap_port: int
+    imaps_port: int
+
+
+FULL = Server("full", IMAP_PORT, IMAPS_PORT)
+BASIC = Server("basic", BASIC_IMAP_PORT, BASIC_IMAPS_PORT)  # no IDLE, MOVE, UIDPLUS
+BOTH_SERVERS = pytest.mark.parametrize("server", [FULL, BASIC], ids=lambda s: s.name)
 
 
 class Mailbox:
@@ -65,7 +88,7 @@ class Mailbox:
             "password": SecretStr(PASSWORD),
             "processed_folder": PROCESSED,
             "not_reply_folder": NOT_REPLIES,
-            "poll_interval_s": 2,
+            "poll_interval_s": POLL_S,
             "timeout_s": 5,
             "reconnect_max_s": 1,
         }
@@ -214,14 +237,84 @@ async def ready(service: Service) -> None:
     await until(lambda: service.ready)
 
 
-# 1. replies, over TLS ------------------------------------------------------------------------
+class ImapProxy(TcpProxy):
+    """A proxy to a Dovecot that watches what its client sends. It goes down (every
+    connection cut, new ones refused) the moment the client sends `cut_at`; and it can hold
+    what the client sends (`hold`, or the moment the client sends `hold_at`) until `release`,
+    keeping what the client sent from then on in `sent_since_hold`."""
+
+    def __init__(self, port: int, cut_at: bytes = b"", hold_at: bytes = b"") -> None:
+        super().__init__(port)
+        self.cut_at = cut_at
+        self.hold_at = hold_at
+        self.cut = asyncio.Event()
+        self.held = asyncio.Event()
+        self.sent_since_hold = bytearray()
+        self._open = asyncio.Event()
+        self._open.set()
+
+    def hold(self) -> None:
+        self._open.clear()
+        self.held.set()
+        self.sent_since_hold.clear()
+
+    def release(self) -> None:
+        self.hold_at = b""
+        self._open.set()
+
+    def down(self) -> None:
+        self.release()  # what is held goes with its connection
+        super().down()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if writer.transport.get_extra_info("peername")[1] != self._target:
+            await super()._pipe(reader, writer)
+            return
+        try:
+            while data := await reader.read(65536):
+                if self.cut_at and self.cut_at in data.upper():
+                    self.cut.set()
+                    self.down()
+                    return
+                if self.hold_at and self.hold_at in data.upper():
+                    self.hold()
+                await self._open.wait()
+                self.sent_since_hold += data
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
 
 
-async def test_replies_in_the_mailbox_become_accepted_and_failed_events(
-    amqp: AmqpSettings, mailbox: Mailbox
+# 1. the two servers --------------------------------------------------------------------------
+
+
+@BOTH_SERVERS
+async def test_the_worker_finds_idle_move_and_uidplus_on_the_full_server_only(
+    mailbox: Mailbox, server: Server
 ) -> None:
+    """So the basic server's tests take the fallbacks: what the worker reads after login."""
+    reader = WorkerMailbox(mailbox.imap(server.imap_port))
+    try:
+        await reader.open()
+        offered = {name: reader.client.has_capability(name) for name in ("IDLE", "MOVE", "UIDPLUS")}
+    finally:
+        reader.close()
+    assert offered == dict.fromkeys(("IDLE", "MOVE", "UIDPLUS"), server == FULL)
+
+
+# 2. replies, over TLS ------------------------------------------------------------------------
+
+
+@BOTH_SERVERS
+async def test_replies_in_the_mailbox_become_accepted_and_failed_events(
+    amqp: AmqpSettings, mailbox: Mailbox, server: Server
+) -> None:
+    # On the basic server the second reply arrives while the worker waits: only a poll finds it.
     reply = mailbox.reply_settings(
-        IMAPS_PORT, security="tls", ca_file=str(DOVECOT_DIR / "tls" / "cert.pem")
+        server.imaps_port, security="tls", ca_file=str(DOVECOT_DIR / "tls" / "cert.pem")
     )
     async with AsyncExitStack() as stack:
         emulator = await stack.enter_async_context(
@@ -251,7 +344,97 @@ async def test_replies_in_the_mailbox_become_accepted_and_failed_events(
     assert failed.error is not None and failed.error.gateway_error == 6
 
 
-# 2. a reply that arrives while no worker runs ---------------------------------------------
+# 3. a reply that arrives while the worker waits, or while it reads ---------------------------
+
+
+@BOTH_SERVERS
+async def test_a_reply_delivered_while_the_worker_waits_is_read_at_its_next_look(
+    amqp: AmqpSettings, mailbox: Mailbox, server: Server
+) -> None:
+    """With IDLE the server tells at once; without, the next poll reads it, not the one after."""
+    async with AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(ImapProxy(server.imap_port))
+        emulator = await stack.enter_async_context(Emulator(EmulatorConfig()))
+        broker, results = await stack.enter_async_context(collecting(amqp))
+        service = await stack.enter_async_context(
+            Service(imap_settings(amqp, emulator.port, mailbox.reply_settings(proxy.port)))
+        )
+        await ready(service)
+        await broker.publish({"request_id": "next", "to": phone(8), "text": "hi"})
+        await results.wait_until(lambda: Status.submitted in results.statuses("next"))
+        mail_id = results.of("next")[0].gateway_id
+        assert mail_id is not None
+        address = service.reply_from(mail_id)
+        metrics = service.telemetry.metrics
+
+        def last_read() -> float:
+            return float(metrics.imap_last_poll._value.get())
+
+        before = last_read()
+        await until(lambda: last_read() > before)
+        # A read has just ended and the worker waits (this check runs on its loop, long before
+        # its poll is due): whatever it sends next reaches the server after the reply.
+        proxy.hold()
+        before = last_read()
+        await mailbox.deliver(gateway_reply(address, f"OK - 1 SMS, ID - {mail_id}"), address)
+        proxy.release()
+        await until(lambda: last_read() > before)
+        # The reply is applied before the read that found it ends: that is the first one.
+        assert metrics.imap_replies._value.get() == 1
+        await results.wait_until(lambda: Status.accepted in results.statuses("next"))
+        await mailbox.wait_for({"INBOX": 0, PROCESSED: 1, NOT_REPLIES: 0})
+
+
+@BOTH_SERVERS
+async def test_a_reply_delivered_while_the_folder_is_read_is_read_before_the_worker_waits(
+    amqp: AmqpSettings, mailbox: Mailbox, server: Server
+) -> None:
+    """The server reports mail that arrives during a read in that read's answers, so an IDLE
+    after it does not report it again: the worker reads the folder again before waiting."""
+    async with AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(ImapProxy(server.imap_port))
+        emulator = await stack.enter_async_context(Emulator(EmulatorConfig()))
+        broker, results = await stack.enter_async_context(collecting(amqp))
+        # Far longer than the test waits: only a read before the wait finds the second reply.
+        # A long deadline too, so the worker held below does not give up and connect again.
+        reply = mailbox.reply_settings(proxy.port, poll_interval_s=600, timeout_s=30)
+        service = await stack.enter_async_context(
+            Service(imap_settings(amqp, emulator.port, reply))
+        )
+        await ready(service)
+        addresses = []
+        for n, request_id in enumerate(("first", "second"), 1):
+            await broker.publish({"request_id": request_id, "to": phone(n), "text": "hi"})
+            await results.wait_until(lambda r=request_id: Status.submitted in results.statuses(r))
+            mail_id = results.of(request_id)[0].gateway_id
+            assert mail_id is not None
+            addresses.append((service.reply_from(mail_id), mail_id))
+        metrics = service.telemetry.metrics
+        # The worker reads the folder as it connects again; it is held fetching the first reply.
+        proxy.down()
+        await until(lambda: metrics.imap_connected._value.get() == 0)
+        for address, mail_id in addresses[:1]:
+            await mailbox.deliver(gateway_reply(address, f"OK - 1 SMS, ID - {mail_id}"), address)
+        proxy.hold_at = b"BODY.PEEK"
+        proxy.restore()
+        await asyncio.wait_for(proxy.held.wait(), 30)
+        for address, mail_id in addresses[1:]:
+            await mailbox.deliver(gateway_reply(address, f"OK - 1 SMS, ID - {mail_id}"), address)
+        proxy.release()
+        await results.wait_until(
+            lambda: all(Status.accepted in results.statuses(r) for r in ("first", "second"))
+        )
+        await mailbox.wait_for({"INBOX": 0, PROCESSED: 2, NOT_REPLIES: 0})
+        assert metrics.imap_replies._value.get() == 2
+        # The second was read before the worker waited or connected again, not after a wait
+        # that ended for another reason: Dovecot's "* OK Still here" ends an IDLE as news would.
+        fetches = bytes(proxy.sent_since_hold).split(b"BODY.PEEK")
+        between = fetches[1] if len(fetches) > 2 else b""
+        assert between, fetches
+        assert not any(c in between for c in (b"IDLE", b"NOOP", b"SELECT")), fetches
+
+
+# 4. a reply that arrives while no worker runs ---------------------------------------------
 
 
 async def test_a_reply_that_arrives_while_the_worker_is_down_is_applied_after_it_starts(
@@ -282,42 +465,33 @@ async def test_a_reply_that_arrives_while_the_worker_is_down_is_applied_after_it
     assert final_events(results, ["late"]) == {("late", Status.accepted): 1}
 
 
-# 3. killed between settling and moving ----------------------------------------------------
+# 5. killed between settling and moving ----------------------------------------------------
 
 
-class CutOnMove(TcpProxy):
-    """A proxy to Dovecot that goes down (every connection cut, new ones refused) the moment
-    its client sends a UID MOVE: the worker has settled the reply and cannot move it."""
-
-    def __init__(self) -> None:
-        super().__init__(IMAP_PORT)
-        self.cut = asyncio.Event()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if writer.transport.get_extra_info("peername")[1] != IMAP_PORT:
-            await super()._pipe(reader, writer)
-            return
-        try:
-            while data := await reader.read(65536):
-                if b"UID MOVE" in data.upper():
-                    self.cut.set()
-                    self.down()
-                    return
-                writer.write(data)
-                await writer.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-
+@pytest.mark.parametrize(
+    ("server", "cut_at", "left"),
+    [
+        # The full server moves in one command: cut there, the reply is in the folder still.
+        (FULL, b"UID MOVE", {"INBOX": 1, PROCESSED: 0}),
+        # The basic one copies, flags \Deleted, expunges: cut before the copy, and before the
+        # expunge (copied already, flagged, still in the folder: it must not be copied again).
+        (BASIC, b"UID COPY", {"INBOX": 1, PROCESSED: 0}),
+        (BASIC, b"EXPUNGE", {"INBOX": 1, PROCESSED: 1}),
+    ],
+    ids=["full-move", "basic-copy", "basic-expunge"],
+)
 @pytest.mark.timeout(120)
 async def test_a_worker_killed_between_settling_and_moving_does_not_apply_the_reply_twice(
-    amqp: AmqpSettings, shared_state: StateSettings, mailbox: Mailbox
+    amqp: AmqpSettings,
+    shared_state: StateSettings,
+    mailbox: Mailbox,
+    server: Server,
+    cut_at: bytes,
+    left: dict[str, int],
 ) -> None:
     ids = [f"k{n}" for n in range(3)]
     async with AsyncExitStack() as stack:
-        proxy = await stack.enter_async_context(CutOnMove())
+        proxy = await stack.enter_async_context(ImapProxy(server.imap_port, cut_at=cut_at))
         emulator = await stack.enter_async_context(Emulator(to_mailbox()))
         broker, results = await stack.enter_async_context(collecting(amqp))
         env = worker_env(amqp, shared_state, emulator.port, free_port(), "imap-kill")
@@ -331,7 +505,7 @@ async def test_a_worker_killed_between_settling_and_moving_does_not_apply_the_re
             SMSC_REPLY__IMAP__PASSWORD=PASSWORD,
             SMSC_REPLY__IMAP__PROCESSED_FOLDER=PROCESSED,
             SMSC_REPLY__IMAP__NOT_REPLY_FOLDER=NOT_REPLIES,
-            SMSC_REPLY__IMAP__POLL_INTERVAL_S="2",
+            SMSC_REPLY__IMAP__POLL_INTERVAL_S=str(POLL_S),
             SMSC_BATCH__MAX_WAIT_MS="200",
         )
         worker = WorkerProcess(env)
@@ -346,10 +520,12 @@ async def test_a_worker_killed_between_settling_and_moving_does_not_apply_the_re
         assert worker.process is not None
         worker.process.send_signal(signal.SIGKILL)
         await worker.process.wait()
-        # Settled (events confirmed, requests answered), never moved.
-        await mailbox.wait_for({"INBOX": 1, PROCESSED: 0})
+        # Settled (events confirmed, requests answered), never moved, or moved only in part.
+        await mailbox.wait_for(left)
 
-        settings = imap_settings(amqp, emulator.port, mailbox.reply_settings(), state=shared_state)
+        settings = imap_settings(
+            amqp, emulator.port, mailbox.reply_settings(server.imap_port), state=shared_state
+        )
         async with Service(settings) as restarted:
             await mailbox.wait_for({"INBOX": 0, PROCESSED: 1, NOT_REPLIES: 0})
             assert restarted.telemetry.metrics.imap_replies._value.get() == 0
@@ -359,12 +535,13 @@ async def test_a_worker_killed_between_settling_and_moving_does_not_apply_the_re
     assert len(accepted) == len(set(accepted)) == len(ids)
 
 
-# 4. two replicas on one mailbox ------------------------------------------------------------
+# 6. two replicas on one mailbox ------------------------------------------------------------
 
 
+@BOTH_SERVERS
 @pytest.mark.timeout(120)
 async def test_two_replicas_reading_one_mailbox_apply_each_reply_once(
-    amqp: AmqpSettings, shared_state: StateSettings, mailbox: Mailbox
+    amqp: AmqpSettings, shared_state: StateSettings, mailbox: Mailbox, server: Server
 ) -> None:
     ids = [f"two-{n}" for n in range(24)]
     async with AsyncExitStack() as stack:
@@ -376,7 +553,7 @@ async def test_two_replicas_reading_one_mailbox_apply_each_reply_once(
                     imap_settings(
                         amqp,
                         emulator.port,
-                        mailbox.reply_settings(),
+                        mailbox.reply_settings(server.imap_port),
                         state=shared_state,
                         batch=BatchSettings(max_lines=2, max_wait_ms=30),
                     )
@@ -399,18 +576,19 @@ async def test_two_replicas_reading_one_mailbox_apply_each_reply_once(
     assert final_events(results, ids) == {(r, Status.accepted): 1 for r in ids}
 
 
-# 5. bounces and forged replies -------------------------------------------------------------
+# 7. bounces and forged replies -------------------------------------------------------------
 
 
+@BOTH_SERVERS
 async def test_a_bounce_and_a_forged_reply_go_to_the_not_a_reply_folder_and_change_nothing(
-    amqp: AmqpSettings, mailbox: Mailbox
+    amqp: AmqpSettings, mailbox: Mailbox, server: Server
 ) -> None:
     async with AsyncExitStack() as stack:
         # No replies from this gateway: the test writes them.
         emulator = await stack.enter_async_context(Emulator(EmulatorConfig()))
         broker, results = await stack.enter_async_context(collecting(amqp))
         service = await stack.enter_async_context(
-            Service(imap_settings(amqp, emulator.port, mailbox.reply_settings()))
+            Service(imap_settings(amqp, emulator.port, mailbox.reply_settings(server.imap_port)))
         )
         await ready(service)
         await broker.publish({"request_id": "target", "to": phone(5), "text": "hi"})
@@ -495,15 +673,16 @@ async def test_the_address_decides_over_the_body_as_with_the_listener(
     }
 
 
-# 6. the IMAP server going away -------------------------------------------------------------
+# 8. the IMAP server going away -------------------------------------------------------------
 
 
+@BOTH_SERVERS
 @pytest.mark.timeout(120)
 async def test_the_mailbox_going_away_and_coming_back_is_survived(
-    amqp: AmqpSettings, mailbox: Mailbox
+    amqp: AmqpSettings, mailbox: Mailbox, server: Server
 ) -> None:
     async with AsyncExitStack() as stack:
-        proxy = await stack.enter_async_context(TcpProxy(IMAP_PORT))
+        proxy = await stack.enter_async_context(TcpProxy(server.imap_port))
         emulator = await stack.enter_async_context(Emulator(to_mailbox()))
         broker, results = await stack.enter_async_context(collecting(amqp))
         service = await stack.enter_async_context(
@@ -524,7 +703,7 @@ async def test_the_mailbox_going_away_and_coming_back_is_survived(
         await ready(service)
 
 
-# 7. without plus-addressing ----------------------------------------------------------------
+# 9. without plus-addressing ----------------------------------------------------------------
 
 
 def test_without_plus_addressing_the_worker_will_not_start_unless_told_how_to_trust(

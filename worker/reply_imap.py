@@ -17,6 +17,11 @@ token, the sender, the size), then
 A message whose reply cannot be settled now (another replica holds its e-mail, the broker
 or the state store does not answer) stays where it is and is read again at the next poll.
 
+Servers without IDLE, MOVE or UIDPLUS are read too: the folder is polled (a NOOP, then a
+read), and a message is moved by UID COPY, \\Deleted and EXPUNGE (UID EXPUNGE with UIDPLUS).
+A message found flagged \\Deleted is one such move that stopped after its copy: it is read as
+any other (the ledger knows it as applied) and expunged, not copied a second time.
+
 The client is aioimaplib: asyncio-native, so the mailbox is read on the worker's own loop
 like everything else (no thread, no blocking imaplib), with IDLE, UID MOVE and UIDPLUS; kept
 up to date (2.x, typed, Python 3.12/3.13). It has known hangs when the server closes the
@@ -234,7 +239,19 @@ def _ok(response: Any, what: str) -> Any:
     return response
 
 
-_FETCH_SIZE = re.compile(rb"UID (\d+) RFC822\.SIZE (\d+)|RFC822\.SIZE (\d+) UID (\d+)")
+_FETCH_UID = re.compile(rb"\bUID (\d+)")
+_FETCH_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
+_FETCH_FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """One message of the folder as listed: its UID, its size, and whether it is flagged
+    \\Deleted, which the worker takes as a move by copy cut short after its copy."""
+
+    uid: int
+    size: int
+    copied: bool
 
 
 class Mailbox:
@@ -301,22 +318,30 @@ class Mailbox:
         if self._client is not None and self._client.protocol.transport is not None:
             self._client.protocol.transport.close()
 
-    async def sizes(self) -> list[tuple[int, int]]:
-        """(uid, size) of every message in the folder, oldest first."""
+    async def listing(self, after: int = 0) -> list[Listed]:
+        """Every message of the folder with a UID above `after`, oldest first."""
         found = _ok(await self._call(self.client.uid_search("ALL", charset=None)), "search")
-        uids = [p for line in found.lines[:1] for p in bytes(line).split() if p.isdigit()]
+        uids = [
+            p
+            for line in found.lines[:1]
+            for p in bytes(line).split()
+            if p.isdigit() and int(p) > after
+        ]
         if not uids:
             return []
         fetched = await self._call(
-            self.client.uid("fetch", b",".join(uids).decode(), "(UID RFC822.SIZE)")
+            self.client.uid("fetch", b",".join(uids).decode(), "(UID RFC822.SIZE FLAGS)")
         )
-        sizes: list[tuple[int, int]] = []
+        listed: dict[int, Listed] = {}
         for line in _ok(fetched, "fetch sizes").lines:
-            match = _FETCH_SIZE.search(bytes(line))
-            if match is not None:
-                uid, size = match.group(1, 2) if match.group(1) else match.group(4, 3)
-                sizes.append((int(uid), int(size)))
-        return sorted(sizes)
+            text = bytes(line)
+            uid, size = _FETCH_UID.search(text), _FETCH_SIZE.search(text)
+            if uid is None or size is None:
+                continue  # not an answer to this FETCH (the server may add others)
+            flags = _FETCH_FLAGS.search(text)
+            copied = flags is not None and b"\\deleted" in flags.group(1).lower().split()
+            listed[int(uid.group(1))] = Listed(int(uid.group(1)), int(size.group(1)), copied)
+        return sorted(listed.values(), key=lambda m: m.uid)
 
     async def fetch(self, uid: int) -> bytes | None:
         """The message's bytes (unread flags left as they are); None when it is gone."""
@@ -326,21 +351,31 @@ class Mailbox:
                 return bytes(line)
         return None
 
-    async def move(self, uid: int, folder: str) -> None:
+    async def move(self, message: Listed, folder: str) -> None:
         """Move one message (UID MOVE, or COPY, \\Deleted and EXPUNGE where the server has
         no MOVE). A message gone already (another replica moved it) is no error."""
-        target = _quoted(folder)
-        if self.client.has_capability("MOVE"):
-            _ok(await self._call(self.client.uid("move", str(uid), target)), f"move to {folder!r}")
+        uid, target = str(message.uid), _quoted(folder)
+        if message.copied:
+            # Copied already by a move that stopped before its expunge (a worker killed, a
+            # connection lost, or another replica's move under way): a second copy would
+            # leave the message twice in `folder`.
+            await self._expunge(uid)
             return
-        _ok(await self._call(self.client.uid("copy", str(uid), target)), f"copy to {folder!r}")
+        if self.client.has_capability("MOVE"):
+            _ok(await self._call(self.client.uid("move", uid, target)), f"move to {folder!r}")
+            return
+        _ok(await self._call(self.client.uid("copy", uid, target)), f"copy to {folder!r}")
         _ok(
-            await self._call(self.client.uid("store", str(uid), "+FLAGS.SILENT", r"(\Deleted)")),
+            await self._call(self.client.uid("store", uid, "+FLAGS.SILENT", r"(\Deleted)")),
             "flag as deleted",
         )
+        await self._expunge(uid)
+
+    async def _expunge(self, uid: str) -> None:
         if self.client.has_capability("UIDPLUS"):
-            _ok(await self._call(self.client.uid("expunge", str(uid))), "expunge")
+            _ok(await self._call(self.client.uid("expunge", uid)), "expunge")
         else:
+            # Every message flagged \\Deleted goes: each was copied before it was flagged.
             _ok(await self._call(self.client.expunge()), "expunge")
 
     async def wait_for_news(self, longest_s: float) -> None:
@@ -350,6 +385,10 @@ class Mailbox:
             try:
                 await asyncio.wait_for(self._lost.wait(), longest_s)
             except TimeoutError:
+                # The poll itself. A server reports new mail at the end of a command and
+                # answers a SEARCH from what it had reported before (Dovecot does): without
+                # this the next read would find it only at the poll after.
+                _ok(await self._call(self.client.noop()), "noop")
                 return
             raise MailboxGone("connection lost")
         idle = await self._call(self.client.idle_start(timeout=longest_s))
@@ -422,14 +461,26 @@ class ImapReplies:
         self._metrics.imap_connected.set(1 if connected else 0)
 
     async def _read_folder(self, mailbox: Mailbox) -> None:
-        for uid, size in await mailbox.sizes():
-            await self._read_message(mailbox, uid, size)
-        self.last_poll = time.time()
-        self._metrics.imap_last_poll.set(self.last_poll)
+        # Mail that arrives during a read is reported in the answers to its commands, and an
+        # IDLE after them does not report it again: list the folder again until nothing is
+        # new. Only what is new is read again (a message left for the next poll waits for it).
+        newest = 0
+        while True:
+            listed = await mailbox.listing(after=newest)
+            for message in listed:
+                await self._read_message(mailbox, message)
+            # Each pass reads the folder to its end: under a steady stream of replies the
+            # passes may go on, and the worker is healthy meanwhile.
+            self.last_poll = time.time()
+            self._metrics.imap_last_poll.set(self.last_poll)
+            if not listed:
+                return
+            newest = listed[-1].uid
 
-    async def _read_message(self, mailbox: Mailbox, uid: int, size: int) -> None:
-        if size > self._max_bytes:
-            await self._not_a_reply(mailbox, uid, "too_large", f"{size} bytes")
+    async def _read_message(self, mailbox: Mailbox, message: Listed) -> None:
+        uid = message.uid
+        if message.size > self._max_bytes:
+            await self._not_a_reply(mailbox, message, "too_large", f"{message.size} bytes")
             return
         raw = await mailbox.fetch(uid)
         if raw is None:
@@ -443,10 +494,10 @@ class ImapReplies:
                     "could not keep a copy of unreadable message %d; read again later", uid
                 )
                 return
-            await self._not_a_reply(mailbox, uid, "unreadable", judged.unreadable.reason)
+            await self._not_a_reply(mailbox, message, "unreadable", judged.unreadable.reason)
             return
         if judged.reason is not None or judged.mail_id is None or judged.reply is None:
-            await self._not_a_reply(mailbox, uid, judged.reason or "address", "")
+            await self._not_a_reply(mailbox, message, judged.reason or "address", "")
             return
         mail_id, reply = judged.mail_id, judged.reply
         try:
@@ -460,7 +511,7 @@ class ImapReplies:
             return
         if body_id == BodyId.other_mail:
             detail = f"to e-mail {mail_id}, names e-mail {reply.mail_id!r} in its body"
-            await self._not_a_reply(mailbox, uid, "mail_id_mismatch", detail)
+            await self._not_a_reply(mailbox, message, "mail_id_mismatch", detail)
             return
         if reply.mail_id is not None:
             # As the listener: what is handed on names the e-mail the token verified.
@@ -473,12 +524,12 @@ class ImapReplies:
             log.exception("reply to e-mail %s not settled; read again later", mail_id)
             return
         if outcome == ReplyOutcome.unknown_mail:
-            await self._not_a_reply(mailbox, uid, "unknown_mail", f"e-mail {mail_id}")
+            await self._not_a_reply(mailbox, message, "unknown_mail", f"e-mail {mail_id}")
             return
         if outcome == ReplyOutcome.applied_before and uid not in self._applied_elsewhere:
             self._applied_elsewhere.add(uid)
             return
-        await mailbox.move(uid, self._settings.processed_folder)
+        await mailbox.move(message, self._settings.processed_folder)
         self._applied_elsewhere.discard(uid)
         if outcome == ReplyOutcome.applied:
             self._metrics.imap_replies.inc()
@@ -486,14 +537,16 @@ class ImapReplies:
             if body_id == BodyId.ignored:
                 self._metrics.reply_body_id_ignored.inc()
 
-    async def _not_a_reply(self, mailbox: Mailbox, uid: int, reason: str, detail: str) -> None:
-        await mailbox.move(uid, self._settings.not_reply_folder)
+    async def _not_a_reply(
+        self, mailbox: Mailbox, message: Listed, reason: str, detail: str
+    ) -> None:
+        await mailbox.move(message, self._settings.not_reply_folder)
         self._metrics.imap_not_replies.labels(reason).inc()
         if reason in _REFUSALS:
             self._metrics.reply_refused(reason)
         log.warning(
             "message %d of the reply mailbox is not a reply (%s%s): moved to %r",
-            uid,
+            message.uid,
             reason,
             f": {detail}" if detail else "",
             self._settings.not_reply_folder,
