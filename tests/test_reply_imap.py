@@ -26,7 +26,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from pydantic import SecretStr, ValidationError
 
-from tests.conftest import Results, collecting, free_port, make_settings, phone
+from tests.conftest import Broker, Results, collecting, free_port, make_settings, phone
 from tests.test_faults import TcpProxy, WorkerProcess, worker_env
 from worker.contract import Status
 from worker.emulator.config import EmulatorConfig
@@ -237,6 +237,18 @@ async def ready(service: Service) -> None:
     await until(lambda: service.ready)
 
 
+async def reading_worker(
+    stack: AsyncExitStack, amqp: AmqpSettings, gateway: EmulatorConfig, reply: ReplySettings
+) -> tuple[Emulator, Broker, Results, Service]:
+    """On `stack`: the emulator, a results collector, and a worker reading its replies as
+    `reply` says, ready."""
+    emulator = await stack.enter_async_context(Emulator(gateway))
+    broker, results = await stack.enter_async_context(collecting(amqp))
+    service = await stack.enter_async_context(Service(imap_settings(amqp, emulator.port, reply)))
+    await ready(service)
+    return emulator, broker, results, service
+
+
 class ImapProxy(TcpProxy):
     """A proxy to a Dovecot that watches what its client sends. It goes down (every
     connection cut, new ones refused) the moment the client sends `cut_at`; and it can hold
@@ -317,14 +329,9 @@ async def test_replies_in_the_mailbox_become_accepted_and_failed_events(
         server.imaps_port, security="tls", ca_file=str(DOVECOT_DIR / "tls" / "cert.pem")
     )
     async with AsyncExitStack() as stack:
-        emulator = await stack.enter_async_context(
-            Emulator(to_mailbox(denied_words=frozenset({"casino"})))
+        _, broker, results, service = await reading_worker(
+            stack, amqp, to_mailbox(denied_words=frozenset({"casino"})), reply
         )
-        broker, results = await stack.enter_async_context(collecting(amqp))
-        service = await stack.enter_async_context(
-            Service(imap_settings(amqp, emulator.port, reply))
-        )
-        await ready(service)
         await broker.publish({"request_id": "good", "to": phone(1), "text": "hello"})
         await results.wait_until(lambda: Status.accepted in results.statuses("good"))
         await broker.publish({"request_id": "bad", "to": phone(2), "text": "casino tonight"})
@@ -354,12 +361,9 @@ async def test_a_reply_delivered_while_the_worker_waits_is_read_at_its_next_look
     """With IDLE the server tells at once; without, the next poll reads it, not the one after."""
     async with AsyncExitStack() as stack:
         proxy = await stack.enter_async_context(ImapProxy(server.imap_port))
-        emulator = await stack.enter_async_context(Emulator(EmulatorConfig()))
-        broker, results = await stack.enter_async_context(collecting(amqp))
-        service = await stack.enter_async_context(
-            Service(imap_settings(amqp, emulator.port, mailbox.reply_settings(proxy.port)))
+        _, broker, results, service = await reading_worker(
+            stack, amqp, EmulatorConfig(), mailbox.reply_settings(proxy.port)
         )
-        await ready(service)
         await broker.publish({"request_id": "next", "to": phone(8), "text": "hi"})
         await results.wait_until(lambda: Status.submitted in results.statuses("next"))
         mail_id = results.of("next")[0].gateway_id
@@ -393,15 +397,10 @@ async def test_a_reply_delivered_while_the_folder_is_read_is_read_before_the_wor
     after it does not report it again: the worker reads the folder again before waiting."""
     async with AsyncExitStack() as stack:
         proxy = await stack.enter_async_context(ImapProxy(server.imap_port))
-        emulator = await stack.enter_async_context(Emulator(EmulatorConfig()))
-        broker, results = await stack.enter_async_context(collecting(amqp))
         # Far longer than the test waits: only a read before the wait finds the second reply.
         # A long deadline too, so the worker held below does not give up and connect again.
         reply = mailbox.reply_settings(proxy.port, poll_interval_s=600, timeout_s=30)
-        service = await stack.enter_async_context(
-            Service(imap_settings(amqp, emulator.port, reply))
-        )
-        await ready(service)
+        _, broker, results, service = await reading_worker(stack, amqp, EmulatorConfig(), reply)
         addresses = []
         for n, request_id in enumerate(("first", "second"), 1):
             await broker.publish({"request_id": request_id, "to": phone(n), "text": "hi"})
@@ -585,12 +584,9 @@ async def test_a_bounce_and_a_forged_reply_go_to_the_not_a_reply_folder_and_chan
 ) -> None:
     async with AsyncExitStack() as stack:
         # No replies from this gateway: the test writes them.
-        emulator = await stack.enter_async_context(Emulator(EmulatorConfig()))
-        broker, results = await stack.enter_async_context(collecting(amqp))
-        service = await stack.enter_async_context(
-            Service(imap_settings(amqp, emulator.port, mailbox.reply_settings(server.imap_port)))
+        _, broker, results, service = await reading_worker(
+            stack, amqp, EmulatorConfig(), mailbox.reply_settings(server.imap_port)
         )
-        await ready(service)
         await broker.publish({"request_id": "target", "to": phone(5), "text": "hi"})
         await results.wait_until(lambda: Status.submitted in results.statuses("target"))
         mail_id = results.of("target")[0].gateway_id
@@ -630,12 +626,9 @@ async def test_the_address_decides_over_the_body_as_with_the_listener(
     """A body naming another e-mail still waiting is refused; one naming no known e-mail is
     ignored and the reply applies to its address's e-mail."""
     async with AsyncExitStack() as stack:
-        emulator = await stack.enter_async_context(Emulator(EmulatorConfig()))
-        broker, results = await stack.enter_async_context(collecting(amqp))
-        service = await stack.enter_async_context(
-            Service(imap_settings(amqp, emulator.port, mailbox.reply_settings()))
+        _, broker, results, service = await reading_worker(
+            stack, amqp, EmulatorConfig(), mailbox.reply_settings()
         )
-        await ready(service)
         mail_ids = []
         for n, request_id in enumerate(("first", "second"), 1):
             await broker.publish({"request_id": request_id, "to": phone(n), "text": "hi"})
@@ -683,12 +676,9 @@ async def test_the_mailbox_going_away_and_coming_back_is_survived(
 ) -> None:
     async with AsyncExitStack() as stack:
         proxy = await stack.enter_async_context(TcpProxy(server.imap_port))
-        emulator = await stack.enter_async_context(Emulator(to_mailbox()))
-        broker, results = await stack.enter_async_context(collecting(amqp))
-        service = await stack.enter_async_context(
-            Service(imap_settings(amqp, emulator.port, mailbox.reply_settings(proxy.port)))
+        _, broker, results, service = await reading_worker(
+            stack, amqp, to_mailbox(), mailbox.reply_settings(proxy.port)
         )
-        await ready(service)
         metrics = service.telemetry.metrics
         proxy.down()
         await until(lambda: metrics.imap_connected._value.get() == 0)
@@ -733,12 +723,9 @@ async def test_without_plus_addressing_only_replies_the_provider_authenticated_c
         imap=mailbox.imap(plus_addressing=False, authserv_id="mx.worker.test"),
     )
     async with AsyncExitStack() as stack:
-        emulator = await stack.enter_async_context(Emulator(EmulatorConfig()))
-        broker, results = await stack.enter_async_context(collecting(amqp))
-        service = await stack.enter_async_context(
-            Service(imap_settings(amqp, emulator.port, reply))
+        emulator, broker, results, service = await reading_worker(
+            stack, amqp, EmulatorConfig(), reply
         )
-        await ready(service)
         await broker.publish({"request_id": "bare", "to": phone(7), "text": "hi"})
         await results.wait_until(lambda: Status.submitted in results.statuses("bare"))
         mail_id = results.of("bare")[0].gateway_id
