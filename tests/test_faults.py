@@ -132,14 +132,21 @@ class TcpProxy:
         self.port = 0
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from_client = writer.transport.get_extra_info("peername")[1] == self._target
         try:
             while data := await reader.read(65536):
+                if not await self._passing(data, from_client):
+                    return
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
+
+    async def _passing(self, data: bytes, from_client: bool) -> bool:
+        """Whether `data` goes on (a subclass may hold it first, or stop its connection)."""
+        return True
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.up:

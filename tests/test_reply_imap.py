@@ -278,26 +278,18 @@ class ImapProxy(TcpProxy):
         self.release()  # what is held goes with its connection
         super().down()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if writer.transport.get_extra_info("peername")[1] != self._target:
-            await super()._pipe(reader, writer)
-            return
-        try:
-            while data := await reader.read(65536):
-                if self.cut_at and self.cut_at in data.upper():
-                    self.cut.set()
-                    self.down()
-                    return
-                if self.hold_at and self.hold_at in data.upper():
-                    self.hold()
-                await self._open.wait()
-                self.sent_since_hold += data
-                writer.write(data)
-                await writer.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
+    async def _passing(self, data: bytes, from_client: bool) -> bool:
+        if not from_client:
+            return True
+        if self.cut_at and self.cut_at in data.upper():
+            self.cut.set()
+            self.down()
+            return False
+        if self.hold_at and self.hold_at in data.upper():
+            self.hold()
+        await self._open.wait()
+        self.sent_since_hold += data
+        return True
 
 
 # 1. the two servers --------------------------------------------------------------------------
