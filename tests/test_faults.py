@@ -46,6 +46,7 @@ from worker.emulator.rules import recipient_key
 from worker.emulator.server import Emulator
 from worker.service import Service
 from worker.settings import AmqpSettings, LimitSettings, RetrySettings, StateSettings
+from worker.smtp_server import bound_port, serve_smtp
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_BIN = ROOT / ".venv" / "bin" / "smsc-worker"
@@ -107,9 +108,8 @@ class ReplyRelay:
                 await asyncio.sleep(0.2)
 
     async def __aenter__(self) -> ReplyRelay:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: SMTP(self), "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._server = await serve_smtp(self, "127.0.0.1", 0)
+        self.port = bound_port(self._server)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -42,6 +42,7 @@ from worker.settings import (
     Settings,
     StateSettings,
 )
+from worker.smtp_server import bound_port, serve_smtp
 
 DOVECOT_DIR = Path("/var/lib/smsc-dovecot")
 IMAP_PORT = 10143
@@ -171,9 +172,8 @@ class HeldReplies:
         self.held.clear()
 
     async def __aenter__(self) -> HeldReplies:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: SMTP(self), "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._server = await serve_smtp(self, "127.0.0.1", 0)
+        self.port = bound_port(self._server)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
